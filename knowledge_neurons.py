@@ -1,0 +1,278 @@
+"""Knowledge neurons (Dai et al. 2022, arXiv 2104.08696) by integrated gradients, for every layer at once.
+
+For layer l with activation a (width,) at the position that predicts the answer token y, and a baseline b
+(zero by default), the integrated-gradients score of neuron i is
+
+    score_l[i] = (a - b)[i] * sum_k w_k dP(y | a <- b + alpha_k (a - b)) / d(scaled a)[i]
+
+with P the softmax probability of y, and (alpha_k, w_k) a quadrature rule of `steps` points on [0, 1]
+("riemann_left", Dai et al.'s, is the default). Completeness: sum_i score_l[i] ~ P(y | a) - P(y | b); the
+difference is reported as the convergence delta.
+
+Fast path ("the staircase"): scaling the last position of layer l changes nothing before it and nothing below
+layer l, so one clean pass gives every layer's prefix state, and each (layer, alpha) pair becomes one row of a
+batch that joins after block l and takes single-token steps through the blocks above; one backward pass gives
+all gradients. The reference path (a hook that scales the activation in full forward passes, layer by layer)
+is kept to check it.
+
+An answer of several tokens is scored by teacher forcing: token k is predicted from prompt + answer[:k],
+and the fact-prompt's score is the mean over answer tokens.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from errors import UserError
+from models import Adapter, Prefix, adapter_for
+from tokens import encode, teacher_forced
+
+IG_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
+Neuron = tuple[int, int, float]  # (layer, neuron index, score)
+
+
+def quadrature(method: str, steps: int) -> tuple[Tensor, Tensor]:
+    """Points alpha (steps,) in [0, 1] and weights w (steps,) that integrate over [0, 1].
+
+    The names are captum's; "riemann_trapezoid" is the exact trapezoidal rule (weights 1/(m-1), halved at the
+    ends), so that a linear integrand is integrated exactly.
+    """
+    if steps < 1 or (method == "riemann_trapezoid" and steps < 2):
+        raise UserError(f"--steps {steps} is too small for {method}")
+    m = steps
+    if method == "riemann_left":
+        alphas, weights = np.arange(m) / m, np.full(m, 1 / m)
+    elif method == "riemann_right":
+        alphas, weights = np.arange(1, m + 1) / m, np.full(m, 1 / m)
+    elif method == "riemann_middle":
+        alphas, weights = (np.arange(m) + 0.5) / m, np.full(m, 1 / m)
+    elif method == "riemann_trapezoid":
+        alphas, weights = np.linspace(0, 1, m), np.full(m, 1 / (m - 1))
+        weights[[0, -1]] /= 2
+    elif method == "gausslegendre":
+        x, w = np.polynomial.legendre.leggauss(m)
+        alphas, weights = (x + 1) / 2, w / 2
+    else:
+        choices = ", ".join(IG_METHODS)
+        raise UserError(f"unknown integrated-gradients method {method!r}; choose from {choices}")
+    return torch.from_numpy(alphas), torch.from_numpy(weights)
+
+
+@dataclass
+class Attribution:
+    """Integrated gradients of one prompt and answer (means over the answer's tokens).
+
+    scores: (n_layers, width) attribution scores.
+    delta:  (n_layers,) completeness delta sum_i score_l[i] - (P(y | a) - P(y | baseline)).
+    probs:  (n_answer_tokens,) clean P(answer token k | prompt + answer[:k]).
+    """
+
+    scores: Tensor
+    delta: Tensor
+    probs: Tensor
+    prompt_ids: list[int]
+    answer_ids: list[int]
+
+
+def coarse_neurons(scores: Tensor, threshold: float = 0.2) -> list[Neuron]:
+    """Neurons with score >= threshold * (the largest score over all layers); none if no score is positive."""
+    top = scores.max().item()
+    if top <= 0:
+        return []
+    layers, idx = torch.nonzero(scores >= threshold * top, as_tuple=True)
+    return [(int(lay), int(i), float(scores[lay, i])) for lay, i in zip(layers, idx, strict=True)]
+
+
+def refined_neurons(
+    prompt_scores: Sequence[Tensor], threshold: float = 0.2, share: float = 0.5, min_prompts: int = 2
+) -> list[Neuron]:
+    """Coarse neurons present in >= `share` of a fact's prompts and in >= `min_prompts` of them.
+
+    Each is returned with its score averaged over all the fact's prompts, sorted by layer and index.
+    """
+    counts = Counter((lay, i) for s in prompt_scores for lay, i, _ in coarse_neurons(s, threshold))
+    need = max(min_prompts, share * len(prompt_scores))
+    mean = torch.stack(list(prompt_scores)).mean(0)
+    return [(lay, i, float(mean[lay, i])) for (lay, i), c in sorted(counts.items()) if c >= need]
+
+
+class KnowledgeNeurons:
+    """Integrated-gradients attribution to the neurons of every layer of a GPT-2 or Mamba causal LM.
+
+    >>> kn = KnowledgeNeurons(model, tokenizer)
+    >>> scores = kn.attribute("The capital of France is", " Paris", steps=20)   # (n_layers, width)
+    """
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter: Adapter = adapter_for(model)
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def width(self) -> int:
+        return self.adapter.width
+
+    def _ids(self, ids: list[int]) -> Tensor:
+        return torch.tensor(ids, device=self.adapter.device)
+
+    def activations(self, prompt: str) -> Tensor:
+        """(n_layers, width) neuron activations at the prompt's last position (e.g. for a baseline)."""
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not prompt_ids:
+            raise UserError(f"prompt {prompt!r} tokenizes to nothing")
+        return self.adapter.prefix(self._ids(prompt_ids)).acts
+
+    def attribute(
+        self,
+        prompt: str,
+        answer: str,
+        steps: int = 20,
+        method: str = "fast",
+        ig_method: str = "riemann_left",
+        batch_size: int | None = None,
+        baseline: Tensor | None = None,
+    ) -> Tensor:
+        """(n_layers, width) integrated-gradients scores of P(answer | prompt); see `attribute_detailed`."""
+        return self.attribute_detailed(prompt, answer, steps, method, ig_method, batch_size, baseline).scores
+
+    def attribute_detailed(
+        self,
+        prompt: str,
+        answer: str,
+        steps: int = 20,
+        method: str = "fast",
+        ig_method: str = "riemann_left",
+        batch_size: int | None = None,
+        baseline: Tensor | None = None,
+        name: str = "",
+    ) -> Attribution:
+        """Scores, completeness deltas and clean probabilities of `answer` after `prompt`.
+
+        method: "fast" (the staircase) or "reference" (hooked full forwards, one layer at a time).
+        batch_size: at most this many (layer, alpha) rows per pass (fast) or alphas per pass (reference).
+        baseline: (n_layers, width) activations that alpha = 0 stands for; None = zeros (Dai et al.).
+        """
+        if method not in ("fast", "reference"):
+            raise UserError(f"unknown attribution method {method!r}: use 'fast' or 'reference'")
+        prompt_ids, answer_ids = encode(self.tokenizer, prompt, answer, name)
+        alphas, weights = quadrature(ig_method, steps)
+        run = self._fast if method == "fast" else self._reference
+        scores, delta, probs = [], [], []
+        for ids, target in teacher_forced(prompt_ids, answer_ids):
+            s, d, p = run(self._ids(ids), target, alphas, weights, batch_size, baseline)
+            scores.append(s)
+            delta.append(d)
+            probs.append(p)
+        scores, delta = torch.stack(scores).mean(0), torch.stack(delta).mean(0)
+        if not (torch.isfinite(scores).all() and torch.isfinite(delta).all()):
+            raise UserError(f"{name or prompt!r}: attribution scores are not finite (model weights or dtype?)")
+        return Attribution(scores, delta, torch.stack(probs), prompt_ids, answer_ids)
+
+    # --- the two ways of computing the path gradients ------------------------------------------------------
+    def _path(self, acts: Tensor, alphas: Tensor, baseline: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Scaled activations s (n_layers, steps + 1, width): the quadrature points, then the baseline."""
+        base = torch.zeros_like(acts) if baseline is None else baseline.to(acts)
+        a = torch.cat([alphas, alphas.new_zeros(1)]).to(acts)
+        return base[:, None] + a[None, :, None] * (acts - base)[:, None], acts - base
+
+    def _combine(self, grads, probs, diff, weights, p_clean) -> tuple[Tensor, Tensor, Tensor]:
+        """grads (L, steps+1, W), probs (L, steps+1) -> scores (L, W), delta (L,), clean P."""
+        w = weights.to(grads)
+        scores = diff * torch.einsum("k,lkw->lw", w, grads[:, :-1])
+        delta = scores.sum(-1) - (p_clean - probs[:, -1])
+        return scores.detach().cpu(), delta.detach().cpu(), p_clean.detach().cpu()
+
+    def _fast(self, ids, target, alphas, weights, batch_size, baseline):
+        ad = self.adapter
+        prefix = ad.prefix(ids)
+        s, diff = self._path(prefix.acts, alphas, baseline)  # (L, R, W)
+        L, R, W = s.shape
+        flat = s.reshape(L * R, W)
+        layer_of_row = torch.arange(L, device=s.device).repeat_interleave(R)
+        grads, probs = torch.empty_like(flat), flat.new_empty(L * R)
+        chunk = batch_size or L * R
+        for start in range(0, L * R, chunk):
+            rows = slice(start, start + chunk)
+            leaf = flat[rows].detach().requires_grad_(True)
+            with torch.enable_grad():
+                p = self._staircase(prefix, layer_of_row[rows], leaf, target)
+                (g,) = torch.autograd.grad(p.sum(), leaf)
+            grads[rows], probs[rows] = g, p.detach()
+        p_clean = prefix.logits.softmax(-1)[target]
+        return self._combine(grads.view(L, R, W), probs.view(L, R), diff, weights, p_clean)
+
+    def _staircase(self, prefix: Prefix, layer_of_row: Tensor, s: Tensor, target: int) -> Tensor:
+        """P(target) for rows whose neurons of layer `layer_of_row` (n,) are set to s (n, W).
+
+        Rows are sorted by layer; each joins the batch after its layer and steps through the blocks above.
+        """
+        ad = self.adapter
+        h = None  # (active rows, d_model) at the last position
+        for layer in range(int(layer_of_row[0]), ad.n_layers):
+            if h is not None:
+                h = ad.step(layer, h, prefix.states[layer])
+            new = s[layer_of_row == layer]
+            if len(new):
+                joined = prefix.resid[layer] + ad.project(layer, new)
+                h = joined if h is None else torch.cat([h, joined])
+        return ad.head(h).softmax(-1)[:, target]
+
+    def _reference(self, ids, target, alphas, weights, batch_size, baseline):
+        ad = self.adapter
+        acts = self._clean_activations(ids)
+        s, diff = self._path(acts, alphas, baseline)
+        L, R, _ = s.shape
+        grads, probs = torch.empty_like(s), s.new_empty(L, R)
+        chunk = batch_size or R
+        for layer in range(L):
+            for start in range(0, R, chunk):
+                leaf = s[layer, start : start + chunk].detach().requires_grad_(True)
+                handle = ad.neuron_module(layer).register_forward_pre_hook(_set_last_position(leaf))
+                try:
+                    with torch.enable_grad():
+                        logits = self.model(ids[None].expand(len(leaf), -1), use_cache=False).logits[:, -1]
+                        p = logits.softmax(-1)[:, target]
+                        (g,) = torch.autograd.grad(p.sum(), leaf)
+                finally:
+                    handle.remove()
+                grads[layer, start : start + chunk], probs[layer, start : start + chunk] = g, p.detach()
+        with torch.no_grad():
+            p_clean = self.model(ids[None], use_cache=False).logits[0, -1].softmax(-1)[target]
+        return self._combine(grads, probs, diff, weights, p_clean)
+
+    def _clean_activations(self, ids: Tensor) -> Tensor:
+        """(n_layers, width) neuron activations at the last position, read by hooks from a full forward."""
+        acts: list[Tensor] = []
+        handles = [
+            self.adapter.neuron_module(layer).register_forward_pre_hook(
+                lambda module, args: acts.append(args[0][0, -1].detach())
+            )
+            for layer in range(self.n_layers)
+        ]
+        try:
+            with torch.no_grad():
+                self.model(ids[None], use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.stack(acts)
+
+
+def _set_last_position(values: Tensor):
+    """A forward pre-hook that replaces the module input's last position by `values` (batch, width)."""
+
+    def hook(module, args):
+        x = args[0]
+        return (torch.cat([x[:, :-1], values[:, None].to(x.dtype)], dim=1), *args[1:])
+
+    return hook

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random GPT-2 and Mamba models, saved and loaded back through the project's loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
+
+from models import load_model
+
+CORPUS = [
+    "The capital of France is Paris. The Eiffel Tower is located in the city of Paris.",
+    "The longest river in China is the Yangtze. The chemical formula of water is H2O.",
+]
+
+
+def _tokenizer(folder) -> PreTrainedTokenizerFast:
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(
+        CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"], show_progress=False
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def _save_and_load(model, folder):
+    tok = _tokenizer(folder)
+    model.config.vocab_size = len(tok)
+    model.save_pretrained(folder)
+    return load_model(str(folder))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """(model, tokenizer): 3 layers, n_embd 32, 64 neurons a layer; large init makes GELU visibly non-linear."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    cfg = GPT2Config(n_layer=3, n_embd=32, n_head=4, n_inner=64, n_positions=64, vocab_size=300,
+                     initializer_range=0.2, bos_token_id=0, eos_token_id=0)
+    return _save_and_load(GPT2LMHeadModel(cfg), folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba(tmp_path_factory):
+    """(model, tokenizer): 3 layers, hidden 32, d_inner 64, d_state 8."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_mamba")
+    cfg = MambaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64, state_size=8, vocab_size=300,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return _save_and_load(MambaForCausalLM(cfg), folder)
+
+
+@pytest.fixture(scope="session", params=["gpt2", "mamba"])
+def tiny_model(request):
+    """Both tiny models, one after the other."""
+    return request.getfixturevalue(f"tiny_{request.param}")

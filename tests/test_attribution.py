@@ -1,0 +1,148 @@
+"""Integrated gradients: the staircase agrees with the reference, with captum, and with completeness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import IntegratedGradients
+
+from errors import UserError
+from knowledge_neurons import IG_METHODS, KnowledgeNeurons, coarse_neurons, quadrature, refined_neurons
+from tokens import encode
+
+PROMPT = "The longest river in China is the"
+ANSWER = "Yangtze"  # several tokens with the tiny tokenizer: exercises teacher forcing
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("ig_method", ["riemann_left", "gausslegendre"])
+def test_fast_equals_reference(tiny_model, ig_method):
+    kn = KnowledgeNeurons(*tiny_model)
+    fast = kn.attribute_detailed(PROMPT, ANSWER, steps=8, ig_method=ig_method)
+    ref = kn.attribute_detailed(PROMPT, ANSWER, steps=8, ig_method=ig_method, method="reference")
+    assert len(fast.answer_ids) >= 3
+    assert fast.scores.shape == (kn.n_layers, kn.width)
+    assert rel_diff(fast.scores, ref.scores) <= 1e-5
+    assert torch.allclose(fast.delta, ref.delta, atol=1e-6)
+    assert torch.allclose(fast.probs, ref.probs, rtol=1e-5)
+
+
+def test_fast_equals_reference_float64_and_chunked(tiny_model):
+    model, tok = tiny_model
+    kn = KnowledgeNeurons(model.double(), tok)
+    try:
+        whole = kn.attribute(PROMPT, ANSWER, steps=6)
+        chunked = kn.attribute(PROMPT, ANSWER, steps=6, batch_size=5)
+        ref = kn.attribute(PROMPT, ANSWER, steps=6, method="reference", batch_size=4)
+    finally:
+        model.float()
+    assert whole.dtype == torch.float64
+    assert rel_diff(chunked, whole) <= 1e-12
+    assert rel_diff(whole, ref) <= 1e-6  # transformers' Mamba scan runs partly in float32
+
+
+def test_completeness_delta_shrinks_with_steps(tiny_model):
+    kn = KnowledgeNeurons(*tiny_model)
+    deltas = [kn.attribute_detailed(PROMPT, "Paris", steps=m).delta.abs().max().item() for m in (5, 20, 80)]
+    assert deltas[0] > deltas[1] > deltas[2]
+    assert deltas[2] < deltas[0] / 8  # left Riemann sum: error ~ 1/steps
+    gauss = kn.attribute_detailed(PROMPT, "Paris", steps=20, ig_method="gausslegendre").delta
+    assert gauss.abs().max().item() < 1e-5 < deltas[0]
+
+
+def test_layer_scores_match_captum(tiny_model):
+    """One layer's scores against captum's IntegratedGradients over a hook-patched forward function."""
+    model, tok = tiny_model
+    kn = KnowledgeNeurons(model, tok)
+    prompt_ids, (target, *_) = encode(tok, PROMPT, "Paris")
+    ids = torch.tensor([prompt_ids])
+    layer = 1
+    acts = kn.activations(PROMPT)[layer]
+
+    def prob_with_layer_set_to(s: torch.Tensor) -> torch.Tensor:  # s: (batch, width) -> (batch,)
+        def patch(module, args):
+            x = args[0].expand(len(s), -1, -1)
+            return (torch.cat([x[:, :-1], s[:, None]], dim=1),)
+
+        handle = kn.adapter.neuron_module(layer).register_forward_pre_hook(patch)
+        try:
+            return model(ids, use_cache=False).logits[:, -1].softmax(-1)[:, target]
+        finally:
+            handle.remove()
+
+    ours = kn.attribute(PROMPT, "Paris", steps=12, ig_method="riemann_middle")[layer]
+    theirs = IntegratedGradients(prob_with_layer_set_to).attribute(
+        acts[None], baselines=torch.zeros_like(acts[None]), n_steps=12, method="riemann_middle"
+    )[0]
+    assert rel_diff(ours, theirs) <= 1e-5
+
+
+def test_baseline_equal_to_activation_gives_zero_scores(tiny_model):
+    kn = KnowledgeNeurons(*tiny_model)
+    acts = kn.activations(PROMPT)
+    result = kn.attribute_detailed(PROMPT, "Paris", steps=4, baseline=acts)
+    assert result.scores.abs().max().item() == 0.0
+    assert result.delta.abs().max().item() < 1e-6
+
+
+def test_mean_baseline_completeness(tiny_model):
+    kn = KnowledgeNeurons(*tiny_model)
+    prompts = ("The capital of France is", "The Eiffel Tower is in")
+    base = torch.stack([kn.activations(p) for p in prompts]).mean(0)
+    result = kn.attribute_detailed(PROMPT, "Paris", steps=16, ig_method="gausslegendre", baseline=base)
+    assert result.scores.abs().max().item() > 0
+    assert result.delta.abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("method", IG_METHODS)
+def test_quadrature_rules(method):
+    alphas, weights = quadrature(method, 10)
+    assert alphas.min() >= 0 and alphas.max() <= 1
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-12)
+    exact_degree = {"riemann_middle": 1, "riemann_trapezoid": 1, "gausslegendre": 19}.get(method, 0)
+    for degree in range(exact_degree + 1):
+        assert (weights * alphas**degree).sum().item() == pytest.approx(1 / (degree + 1), abs=1e-12)
+
+
+def test_quadrature_rejects_bad_input():
+    with pytest.raises(UserError, match="unknown"):
+        quadrature("simpson", 10)
+    with pytest.raises(UserError, match="too small"):
+        quadrature("riemann_trapezoid", 1)
+
+
+def test_coarse_and_refined_neurons():
+    s1 = torch.tensor([[1.0, 0.1, 0.0], [0.5, -2.0, 0.25]])
+    s2 = torch.tensor([[0.9, 0.0, 0.3], [0.1, 0.0, 0.05]])
+    s3 = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    assert coarse_neurons(s1, 0.2) == [(0, 0, 1.0), (1, 0, 0.5), (1, 2, 0.25)]
+    assert coarse_neurons(-s1.abs(), 0.2) == []
+    # (0,0) in s1, s2; (0,2) in s2, s3; (1,0), (1,2) only in s1
+    refined = refined_neurons([s1, s2, s3], threshold=0.2, share=0.5)
+    assert [(layer, i) for layer, i, _ in refined] == [(0, 0), (0, 2)]
+    assert refined[0][2] == pytest.approx((1.0 + 0.9 + 0.0) / 3)
+    assert refined_neurons([s1, s2, s3], threshold=0.2, share=0.9) == []
+    assert refined_neurons([s1], threshold=0.2, share=0.5) == []  # needs >= 2 prompts
+
+
+def test_bad_inputs_are_user_errors(tiny_gpt2):
+    kn = KnowledgeNeurons(*tiny_gpt2)
+    with pytest.raises(UserError, match="empty prompt"):
+        kn.attribute("  ", "Paris")
+    with pytest.raises(UserError, match="tokenizes to nothing"):
+        kn.attribute(PROMPT, "")
+    with pytest.raises(UserError, match="unknown attribution method"):
+        kn.attribute(PROMPT, "Paris", method="slow")
+
+
+def test_unsupported_architecture_is_a_user_error():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(
+        num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50
+    )
+    with pytest.raises(UserError, match="gpt_neox"):
+        KnowledgeNeurons(GPTNeoXForCausalLM(cfg), tokenizer=None)
