@@ -1,0 +1,305 @@
+"""The knowledge-neuron stage for one model: attribution of every fact prompt, coarse and refined neurons,
+overlap statistics, and the files that hold them. Finished facts are cached so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from errors import UserError
+from facts import Fact
+from knowledge_neurons import IG_METHODS, KnowledgeNeurons, Neuron, coarse_neurons, refined_neurons
+from outputs import _atomic, table, versions, write_json, write_npz
+from statistics_kn import neurons_per_layer, overlap_statistics
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("zero", "mean", "reference")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every option that shapes a knowledge-neuron result; stored in each output file."""
+
+    steps: int = 20
+    ig_method: str = "riemann_left"
+    threshold: float = 0.2  # coarse: score >= threshold * max score of the prompt (all layers)
+    share: float = 0.5  # refined: in >= share of a fact's prompts (and in >= 2 of them)
+    batch_size: int | None = None  # (layer, alpha) rows per pass; None = all at once
+    baseline: str = "zero"  # IG baseline: zero (Dai et al.), mean activation over the fact prompts, reference prompt
+    baseline_prompt: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.ig_method not in IG_METHODS:
+            raise UserError(f"--ig-method {self.ig_method}: choose from {', '.join(IG_METHODS)}")
+        if self.baseline not in BASELINES:
+            raise UserError(f"--baseline {self.baseline}: choose from {', '.join(BASELINES)}")
+        if self.baseline == "reference" and not self.baseline_prompt:
+            raise UserError("--baseline reference needs --baseline-prompt TEXT (the reference prompt)")
+        if not 0 < self.threshold <= 1 or not 0 < self.share <= 1:
+            raise UserError("--threshold and --share must lie in (0, 1]")
+        if self.steps < 1 or (self.batch_size is not None and self.batch_size < 1):
+            raise UserError("--steps and --batch-size must be positive")
+
+    def scores_key(self) -> dict:
+        """The options the score tensors depend on (the thresholds are applied afterwards)."""
+        return {k: getattr(self, k) for k in ("steps", "ig_method", "baseline", "baseline_prompt")}
+
+
+@dataclass
+class FactResult:
+    """Attribution of every prompt of one fact.
+
+    scores: (n_prompts, n_layers, width); delta: (n_prompts, n_layers) completeness deltas;
+    probs: per prompt, (n_answer_tokens,) clean P(answer token k | prompt + answer[:k]).
+    """
+
+    fact: Fact
+    scores: Tensor
+    delta: Tensor
+    probs: list[Tensor]
+    prompt_ids: list[list[int]]
+    answer_ids: list[int]
+
+
+@dataclass
+class ModelResult:
+    name: str
+    architecture: str
+    n_layers: int
+    width: int
+    options: Options
+    facts: list[FactResult]
+
+    def refined(self) -> dict[str, list[Neuron]]:
+        o = self.options
+        return {r.fact.id: refined_neurons(list(r.scores), o.threshold, o.share) for r in self.facts}
+
+    def neuron_sets(self) -> dict[str, frozenset[tuple[int, int]]]:
+        return {fid: frozenset((lay, i) for lay, i, _ in ns) for fid, ns in self.refined().items()}
+
+    def relations(self) -> dict[str, str]:
+        return {r.fact.id: r.fact.relation for r in self.facts}
+
+
+def model_fingerprint(model) -> str:
+    """Identifies a model's configuration and weights cheaply (config + a slice of the embedding)."""
+    h = hashlib.sha256(model.config.to_json_string().encode())
+    h.update(model.get_input_embeddings().weight.detach().flatten()[:4096].cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def baseline_activations(kn: KnowledgeNeurons, facts: Sequence[Fact], options: Options) -> Tensor | None:
+    """(n_layers, width) activations that alpha = 0 stands for; None for the zero baseline."""
+    if options.baseline == "zero":
+        return None
+    if options.baseline == "reference":
+        return kn.activations(options.baseline_prompt)
+    return torch.stack([kn.activations(p) for f in facts for p in f.prompts]).mean(0)
+
+
+def attribute_fact(kn: KnowledgeNeurons, fact: Fact, options: Options, baseline: Tensor | None) -> FactResult:
+    results = [
+        kn.attribute_detailed(
+            prompt, fact.answer, options.steps, "fast", options.ig_method, options.batch_size, baseline,
+            name=f"fact {fact.id}",
+        )
+        for prompt in fact.prompts
+    ]
+    return FactResult(
+        fact,
+        torch.stack([r.scores for r in results]).float(),
+        torch.stack([r.delta for r in results]).float(),
+        [r.probs.float() for r in results],
+        [r.prompt_ids for r in results],
+        results[0].answer_ids,
+    )
+
+
+class FactCache:
+    """Finished facts of one model and option set, one file each, under `folder`."""
+
+    def __init__(self, folder: Path, model_name: str, model, options: Options):
+        key = json.dumps({"model": model_fingerprint(model), **options.scores_key()}, sort_keys=True)
+        self.key = hashlib.sha256(key.encode()).hexdigest()[:16]
+        self.folder = Path(folder) / f"{Path(model_name).name or 'model'}-{self.key}"
+
+    def _path(self, fact: Fact) -> Path:
+        content = json.dumps(dataclasses.asdict(fact), sort_keys=True).encode()
+        return self.folder / f"{fact.id}-{hashlib.sha256(content).hexdigest()[:12]}.pt"
+
+    def load(self, fact: Fact) -> FactResult | None:
+        path = self._path(fact)
+        if not path.exists():
+            return None
+        d = torch.load(path, weights_only=True)
+        return FactResult(fact, d["scores"], d["delta"], d["probs"], d["prompt_ids"], d["answer_ids"])
+
+    def save(self, r: FactResult) -> None:
+        buf = io.BytesIO()
+        torch.save({k: getattr(r, k) for k in ("scores", "delta", "probs", "prompt_ids", "answer_ids")}, buf)
+        _atomic(self._path(r.fact), lambda f: f.write(buf.getvalue()))
+
+
+def find_knowledge_neurons(
+    kn: KnowledgeNeurons,
+    facts: Sequence[Fact],
+    options: Options,
+    model_name: str,
+    cache_dir: Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> ModelResult:
+    """Attribute every prompt of every fact; finished facts are saved to `cache_dir` (when given) and, with
+    `resume`, taken from there instead of being recomputed."""
+    cache = FactCache(cache_dir, model_name, kn.model, options) if cache_dir else None
+    baseline = baseline_activations(kn, facts, options)
+    results, reused = [], 0
+    for fact in tqdm(facts, desc=f"knowledge neurons {Path(model_name).name}", unit="fact", disable=not progress):
+        cached = cache.load(fact) if cache and resume else None
+        if cached is None:
+            cached = attribute_fact(kn, fact, options, baseline)
+            if cache:
+                cache.save(cached)
+        else:
+            reused += 1
+        results.append(cached)
+    if reused:
+        log.info("%s: reused %d of %d facts from %s", model_name, reused, len(facts), cache.folder)
+    arch = kn.model.config.model_type
+    return ModelResult(model_name, arch, kn.n_layers, kn.width, options, results)
+
+
+def _neurons(ns: Sequence[Neuron]) -> list[list]:
+    return [[lay, i, s] for lay, i, s in ns]
+
+
+def knowledge_json(result: ModelResult, tokenizer, scores_file: str | None = None) -> dict:
+    """The JSON document of `python main.py knowledge` for one model."""
+    o = result.options
+    refined = result.refined()
+    sets = result.neuron_sets()
+    facts = []
+    for r in result.facts:
+        prompts = []
+        for k, prompt in enumerate(r.fact.prompts):
+            probs = r.probs[k]
+            prompts.append({
+                "prompt": prompt,
+                "tokens": tokenizer.convert_ids_to_tokens(r.prompt_ids[k]),
+                "p_answer": float(probs.prod()),
+                "p_answer_tokens": probs.tolist(),
+                "coarse_neurons": _neurons(coarse_neurons(r.scores[k], o.threshold)),
+                "completeness_delta": r.delta[k].tolist(),
+                "max_abs_completeness_delta": float(r.delta[k].abs().max()),
+            })
+        facts.append({
+            "id": r.fact.id,
+            "relation": r.fact.relation,
+            "subject": r.fact.subject,
+            "answer": r.fact.answer,
+            "answer_tokens": tokenizer.convert_ids_to_tokens(r.answer_ids),
+            "prompts": prompts,
+            "refined_neurons": _neurons(refined[r.fact.id]),
+            "n_refined": len(refined[r.fact.id]),
+        })
+    return {
+        "model": result.name,
+        "architecture": result.architecture,
+        "n_layers": result.n_layers,
+        "neurons_per_layer": result.width,
+        "neuron_site": {"gpt2": "transformer.h[l].mlp.c_proj input (after GELU)",
+                        "mamba": "backbone.layers[l].mixer.out_proj input (y * silu(z))"}[result.architecture],
+        "options": dataclasses.asdict(o),
+        "seed": o.seed,
+        "versions": versions(),
+        "score_definition": "mean over answer tokens of (a - baseline) * sum_k w_k dP(answer token)/d(scaled a), "
+        "P = softmax probability over the full vocabulary at the position predicting the token",
+        "neuron_format": "[layer, neuron index, score]",
+        "facts": facts,
+        "layer_distribution": neurons_per_layer(sets, result.n_layers),
+        "overlap": overlap_statistics(sets, result.relations(), result.n_layers),
+        "scores_file": scores_file,
+    }
+
+
+def write_knowledge(result: ModelResult, tokenizer, out_dir: Path, stem: str) -> dict:
+    """`<stem>.json` and `<stem>.npz` (per fact: scores (n_prompts, n_layers, width), deltas) in `out_dir`."""
+    out_dir = Path(out_dir)
+    arrays = {}
+    for r in result.facts:
+        arrays[f"{r.fact.id}/scores"] = r.scores.numpy()
+        arrays[f"{r.fact.id}/completeness_delta"] = r.delta.numpy()
+    write_npz(out_dir / f"{stem}.npz", arrays)
+    doc = knowledge_json(result, tokenizer, scores_file=f"{stem}.npz")
+    write_json(out_dir / f"{stem}.json", doc)
+    return doc
+
+
+def layer_profile(result: ModelResult) -> np.ndarray:
+    """(n_layers,) knowledge neurons per layer, summed over facts."""
+    return np.array(neurons_per_layer(result.neuron_sets(), result.n_layers))
+
+
+def _mean_p(r: FactResult) -> float:
+    return float(np.mean([float(p.prod()) for p in r.probs]))
+
+
+def knowledge_tables(results: dict[str, ModelResult]) -> str:
+    """Console tables: refined neurons per fact, knowledge neurons per layer, and the models side by side."""
+    labels = list(results)
+    first = results[labels[0]]
+    refined = {lab: res.refined() for lab, res in results.items()}
+    per_fact = [
+        [r.fact.id, r.fact.relation]
+        + [x for lab in labels for x in (len(refined[lab][r.fact.id]), _mean_p(results[lab].facts[k]))]
+        for k, r in enumerate(first.facts)
+    ]
+    fact_headers = ["fact", "relation"] + [h for lab in labels for h in (f"{lab} KN", f"{lab} P(ans)")]
+    profiles = {lab: layer_profile(res) for lab, res in results.items()}
+    depth = max(len(p) for p in profiles.values())
+    per_layer = [
+        [layer] + [int(p[layer]) if layer < len(p) else None for p in profiles.values()] for layer in range(depth)
+    ]
+    side = [[name] + [fn(res) for res in results.values()] for name, fn in _COMPARISON]
+    return "\n\n".join([
+        "Refined knowledge neurons per fact (and mean P(answer) over its prompts)",
+        table(fact_headers, per_fact),
+        "Knowledge neurons per layer (summed over facts)",
+        table(["layer", *labels], per_layer),
+        "Side by side",
+        table(["", *labels], side),
+    ])
+
+
+def _overlap(res: ModelResult, split: str, what: str) -> float | None:
+    stats = overlap_statistics(res.neuron_sets(), res.relations(), res.n_layers)
+    return stats["all_layers"][split][what]["mean"]
+
+
+_COMPARISON = [
+    ("layers", lambda r: r.n_layers),
+    ("neurons per layer", lambda r: r.width),
+    ("mean refined KN per fact", lambda r: float(np.mean([len(v) for v in r.refined().values()]))),
+    ("facts with >= 1 KN", lambda r: sum(bool(v) for v in r.refined().values())),
+    ("peak layer (fraction of depth)", lambda r: float(np.argmax(layer_profile(r)) / max(1, r.n_layers - 1))),
+    ("intra-relation Jaccard", lambda r: _overlap(r, "intra", "jaccard")),
+    ("inter-relation Jaccard", lambda r: _overlap(r, "inter", "jaccard")),
+    ("intra-relation intersection", lambda r: _overlap(r, "intra", "intersection")),
+    ("inter-relation intersection", lambda r: _overlap(r, "inter", "intersection")),
+    ("mean P(answer)", lambda r: float(np.mean([_mean_p(f) for f in r.facts]))),
+    ("max |completeness delta|", lambda r: float(max(f.delta.abs().max() for f in r.facts))),
+]

@@ -1,0 +1,123 @@
+"""Knowledge neurons in GPT-2 and Mamba: the command line.
+
+    python main.py [comprehensive|attention|knowledge] [options]
+
+This module parses options, picks the models and calls the analysis modules in order; it holds no maths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from errors import UserError
+
+log = logging.getLogger("knowledge_neurons")
+
+MODES = {
+    "comprehensive": "everything: knowledge neurons of both models, Mamba hidden attention, interventions with "
+    "random controls, statistics, figures and a Markdown report (the default)",
+    "attention": "Mamba knowledge neurons + hidden attention and token -> knowledge-neuron flow, GPT-2 attention "
+    "for comparison -> mamba_analysis.json and figures",
+    "knowledge": "knowledge neurons of GPT-2 and Mamba, overlap statistics -> gpt2_knowledge_neurons.json, "
+    "mamba_knowledge_neurons.json (+ .npz score tensors)",
+}
+DEFAULT_MODELS = {"gpt2": "gpt2", "mamba": "state-spaces/mamba-130m-hf"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python main.py",
+        description="Find knowledge neurons (Dai et al. 2022) with integrated gradients in GPT-2 and Mamba, "
+        "compare them across facts, and test them causally.",
+        epilog="modes:\n" + "\n".join(f"  {m:14s} {d}" for m, d in MODES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("mode", nargs="?", default="comprehensive", choices=list(MODES), help="what to run")
+    m = p.add_argument_group("models and data")
+    m.add_argument("--demo", action="store_true",
+                   help="use the offline demo models (a tiny GPT-2 and Mamba trained on the fact table here; "
+                   "built once and cached) instead of gpt2 / state-spaces/mamba-130m-hf")
+    m.add_argument("--demo-cache", metavar="DIR", help="folder for the demo models (default: $KN_DEMO_CACHE or "
+                   "~/.cache/knowledge-neurons/demo)")
+    m.add_argument("--gpt2-model", metavar="NAME|PATH", help="GPT-2 model: hub name or local folder (default: gpt2)")
+    m.add_argument("--mamba-model", metavar="NAME|PATH",
+                   help="Mamba model: hub name or local folder (default: state-spaces/mamba-130m-hf)")
+    m.add_argument("--facts", metavar="FILE", help="JSONL fact file, one fact a line: "
+                   '{"id", "relation", "subject", "answer", "prompts": [...]} (default: the built-in table)')
+    m.add_argument("--out", metavar="DIR", default=".", help="output folder (default: current directory)")
+    m.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto = cuda when available)")
+    a = p.add_argument_group("integrated gradients and knowledge neurons")
+    a.add_argument("--steps", type=int, default=20, help="integration steps m (default: 20, as Dai et al.)")
+    a.add_argument("--ig-method", default="riemann_left",
+                   help="quadrature: riemann_left (default, Dai et al.), riemann_right, riemann_middle, "
+                   "riemann_trapezoid, gausslegendre")
+    a.add_argument("--baseline", default="zero", help="IG baseline: zero (default, Dai et al.), mean (mean "
+                   "activation over the fact prompts), reference (activation of --baseline-prompt; Chen et al. 2024)")
+    a.add_argument("--baseline-prompt", metavar="TEXT", help="the reference prompt for --baseline reference")
+    a.add_argument("--threshold", type=float, default=0.2,
+                   help="coarse neurons: score >= THRESHOLD x the prompt's largest score (default: 0.2)")
+    a.add_argument("--share", type=float, default=0.5,
+                   help="refined neurons: coarse in >= SHARE of a fact's prompts, and in >= 2 (default: 0.5)")
+    a.add_argument("--batch-size", type=int, help="(layer, step) rows per pass; lower it if memory runs out "
+                   "(default: all rows of a prompt at once)")
+    s = p.add_argument_group("controls and statistics")
+    s.add_argument("--seed", type=int, default=0, help="seed for random controls, permutations, bootstrap (default: 0)")
+    s.add_argument("--random-draws", type=int, default=5,
+                   help="random-neuron control sets per fact (default: 5)")
+    s.add_argument("--permutations", type=int, default=1000, help="permutation-test relabellings (default: 1000)")
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    r = p.add_argument_group("run control")
+    r.add_argument("--fresh", action="store_true",
+                   help="recompute every fact instead of resuming from <out>/.kn_cache")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    return p
+
+
+def model_names(args: argparse.Namespace, facts) -> dict[str, str]:
+    """Which model each architecture uses: explicit options > demo models > the hub defaults."""
+    names = dict(DEFAULT_MODELS)
+    if args.demo:
+        from demo_models import ensure_demo_models
+
+        names = {k: str(v) for k, v in ensure_demo_models(facts, args.demo_cache, progress=not args.quiet).items()}
+    names.update({k: v for k, v in (("gpt2", args.gpt2_model), ("mamba", args.mamba_model)) if v})
+    return names
+
+
+def load_facts_option(args: argparse.Namespace):
+    from facts import FACTS, load_facts
+
+    return load_facts(args.facts) if args.facts else list(FACTS)
+
+
+def run(args: argparse.Namespace) -> None:
+    import pipeline
+
+    torch.manual_seed(args.seed)
+    facts = load_facts_option(args)
+    names = model_names(args, facts)
+    getattr(pipeline, f"run_{args.mode}")(args, facts, names)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished facts are kept in {Path(args.out) / '.kn_cache'}; run again to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
