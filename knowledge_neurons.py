@@ -180,16 +180,21 @@ class KnowledgeNeurons:
 
     # --- the two ways of computing the path gradients ------------------------------------------------------
     def _path(self, acts: Tensor, alphas: Tensor, baseline: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Scaled activations s (n_layers, steps + 1, width): the quadrature points, then the baseline."""
+        """Scaled activations s (n_layers, rows, width) and acts - baseline (n_layers, width).
+
+        The rows are the quadrature points, then the baseline itself unless the first point already is it
+        (riemann_left), so P(y | baseline) comes out of the same batch.
+        """
         base = torch.zeros_like(acts) if baseline is None else baseline.to(acts)
-        a = torch.cat([alphas, alphas.new_zeros(1)]).to(acts)
-        return base[:, None] + a[None, :, None] * (acts - base)[:, None], acts - base
+        a = alphas if alphas[0] == 0 else torch.cat([alphas, alphas.new_zeros(1)])
+        return base[:, None] + a.to(acts)[None, :, None] * (acts - base)[:, None], acts - base
 
     def _combine(self, grads, probs, diff, weights, p_clean) -> tuple[Tensor, Tensor, Tensor]:
-        """grads (L, steps+1, W), probs (L, steps+1) -> scores (L, W), delta (L,), clean P."""
-        w = weights.to(grads)
-        scores = diff * torch.einsum("k,lkw->lw", w, grads[:, :-1])
-        delta = scores.sum(-1) - (p_clean - probs[:, -1])
+        """grads (L, rows, W), probs (L, rows) -> scores (L, W), delta (L,), clean P."""
+        steps = len(weights)
+        scores = diff * torch.einsum("k,lkw->lw", weights.to(grads), grads[:, :steps])
+        p_baseline = probs[:, -1] if probs.shape[1] > steps else probs[:, 0]
+        delta = scores.sum(-1) - (p_clean - p_baseline)
         return scores.detach().cpu(), delta.detach().cpu(), p_clean.detach().cpu()
 
     def _fast(self, ids, target, alphas, weights, batch_size, baseline):
