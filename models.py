@@ -276,6 +276,16 @@ class GPT2Adapter(Adapter):
         scores = torch.cat([scores_prefix, scores_self], dim=-1) * self._scaling(layer)
         return scores.softmax(dim=-1)
 
+    def last_position_attention(self, input_ids: Tensor) -> Tensor:
+        """input_ids (T,) -> (n_layers, heads, T): every layer's attention weights of the last position."""
+        inputs, _, _ = self.block_io(input_ids)
+        rows = []
+        with torch.no_grad():
+            for layer, x in enumerate(inputs):  # x: (T, d_model) block input
+                q, k, _ = self._qkv(layer, x[-1:])  # (1, heads, head_dim) each
+                rows.append(self.attention_weights(layer, q, k, self.layer_state(layer, x[:-1]))[0])
+        return torch.stack(rows)
+
     def pre_neurons(self, layer: int, h: Tensor, state: KV) -> tuple[Tensor, Tensor]:
         block = self.layers[layer]
         q, k, v = self._qkv(layer, h)

@@ -1,0 +1,409 @@
+"""Where do knowledge neurons read from? Hidden attention of Mamba, token flow, and GPT-2's attention to the subject.
+
+Hidden attention (Ali, Zimerman & Wolf 2024, "The Hidden Attention of Mamba Models", arXiv 2403.01590): with
+the SSM inputs of one layer (see `models.SSMInputs`: input x = u, step Delta, B, C, A, D), the selective scan
+
+    h_t = Abar_t h_{t-1} + Bbar_t x_t,   y_t = C_t h_t + D x_t,   Abar_t = exp(Delta_t A),  Bbar_t = Delta_t B_t
+
+unrolls, channel by channel, into a causal attention-like sum y_i = sum_{j<=i} alpha_{i,j} x_j + D x_i with
+
+    alpha_{i,j}[d] = sum_n C_i[n] exp(sum_{k=j+1..i} Delta_k[d] A[d,n]) Delta_j[d] B_j[n].
+
+The decay exponent is a segment sum (as Mamba-2's `segsum`): each entry is summed from its own terms, never a
+difference of cumulative sums and never a ratio of products, so long prompts with strong decay stay exact.
+
+Token flow: the neurons of a Mamba layer are a = y * silu(z) (the input of `out_proj`), so the activation of
+channel d at the last position T-1 splits exactly over input tokens j:
+
+    a_{T-1}[d] = sum_j alpha_{T-1,j}[d] x_j[d] silu(z_{T-1}[d])  +  D[d] x_{T-1}[d] silu(z_{T-1}[d])
+
+(the skip term is credited to the last token). Shares of that sum go to the subject tokens, the last token and
+the other tokens. GPT-2's real attention weights from the last position give the transformer side.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from errors import UserError
+from facts import Fact
+from knowledge_neurons import Neuron
+from models import GPT2Adapter, MambaAdapter, SSMInputs, adapter_for
+from tokens import encode, subject_positions
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("subject", "last", "other")
+CHUNK = 256  # channels per hidden-attention chunk: memory chunk * T^2 * d_state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hidden attention
+
+
+def _mamba(model: nn.Module) -> MambaAdapter:
+    adapter = adapter_for(model)
+    if not isinstance(adapter, MambaAdapter):
+        kind = model.config.model_type
+        raise UserError(f"hidden attention is defined for Mamba models only, not for a '{kind}' model")
+    return adapter
+
+
+def _ssm_inputs(adapter: MambaAdapter, input_ids: Tensor, layer: int) -> SSMInputs:
+    """The SSM inputs of `layer` for a prompt (T,), from the real model's block input."""
+    if not 0 <= layer < adapter.n_layers:
+        raise UserError(f"layer {layer} does not exist: the model has layers 0..{adapter.n_layers - 1}")
+    inputs, _, _ = adapter.block_io(torch.as_tensor(input_ids))
+    return adapter.ssm_inputs(layer, inputs[layer])
+
+
+def segsum(x: Tensor) -> Tensor:
+    """x (..., T) -> (..., T, T): out[..., i, j] = x_{j+1} + ... + x_i for i >= j (0 on the diagonal), -inf above."""
+    T = x.shape[-1]
+    below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)  # k > j
+    terms = x[..., :, None].expand(*x.shape, T).masked_fill(~below, 0.0)  # terms[..., k, j] = x_k if k > j
+    sums = terms.cumsum(dim=-2)  # sums[..., i, j] = sum_{j < k <= i} x_k
+    return sums.masked_fill_(below.T, -torch.inf)
+
+
+def _alpha(s: SSMInputs, channels: slice | Tensor) -> Tensor:
+    """Hidden attention of some channels: (c, T, T), zero above the diagonal."""
+    dt = s.dt[:, channels]  # (T, c)
+    decay = segsum((dt[..., None] * s.A[channels]).permute(1, 2, 0)).exp_()  # (c, d_state, T, T)
+    CB = torch.einsum("in,jn->nij", s.C, s.B)  # (d_state, T, T) C_i[n] B_j[n]
+    return (decay * CB).sum(1) * dt.T[:, None, :]
+
+
+def _alpha_last(s: SSMInputs, channels: slice | Tensor) -> Tensor:
+    """The last row alpha_{T-1, j} of some channels: (c, T); the segment sums x_{j+1} + ... + x_{T-1} are
+    suffix sums (the last row of `segsum`)."""
+    dt = s.dt[:, channels]  # (T, c)
+    x = dt[..., None] * s.A[channels]  # (T, c, d_state) log-decay of each step
+    suffix = torch.cat([x[1:].flip(0).cumsum(0).flip(0), torch.zeros_like(x[:1])])  # sum_{k=j+1..T-1} x_k
+    return torch.einsum("n,jcn,jn->cj", s.C[-1], torch.exp(suffix), s.B) * dt.T
+
+
+def hidden_attention(model: nn.Module, input_ids: Tensor, layer: int, chunk: int = CHUNK) -> Tensor:
+    """Hidden attention alpha of one layer of a `MambaForCausalLM` for a prompt (T,): (d_inner, T, T).
+
+    alpha[d, i, j] weighs the SSM input x_j in the output y_i of channel d (zero for j > i); computed `chunk`
+    channels at a time from the layer's own parameters.
+    """
+    adapter = _mamba(model)
+    with torch.no_grad():
+        s = _ssm_inputs(adapter, input_ids, layer)
+        return torch.cat([_alpha(s, slice(c, c + chunk)) for c in range(0, adapter.width, chunk)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# token flow into knowledge neurons
+
+
+def _flow(s: SSMInputs, neurons: Sequence[int]) -> Tensor:
+    """(n, T) contributions of each input token to the neurons' activations at the last position."""
+    idx = torch.as_tensor(list(neurons), dtype=torch.long, device=s.u.device)
+    contrib = _alpha_last(s, idx) * s.u[:, idx].T  # (n, T) alpha_{T-1,j} x_j
+    contrib[:, -1] += s.D[idx] * s.u[-1, idx]  # skip connection D x_{T-1}
+    return contrib * F.silu(s.z[-1, idx])[:, None]
+
+
+def token_flow(model: nn.Module, input_ids: Tensor, layer: int, neurons: Sequence[int]) -> Tensor:
+    """Exact split of the activations of `neurons` of `layer` at the last position over the input tokens.
+
+    Returns (len(neurons), T); row r sums to the activation (the `out_proj` input) of neuron neurons[r].
+    """
+    adapter = _mamba(model)
+    bad = [i for i in neurons if not 0 <= i < adapter.width]
+    if bad:
+        raise UserError(f"neuron indices {bad} are outside 0..{adapter.width - 1}")
+    with torch.no_grad():
+        return _flow(_ssm_inputs(adapter, input_ids, layer), neurons)
+
+
+def _group_masks(T: int, subject_pos: Sequence[int]) -> Tensor:
+    """(3, T) 0/1 masks of the subject tokens (without the last position), the last token, the other tokens."""
+    if any(not 0 <= p < T for p in subject_pos):
+        raise ValueError(f"subject positions {list(subject_pos)} fall outside a prompt of {T} tokens")
+    subject = torch.zeros(T, dtype=torch.bool)
+    subject[[p for p in subject_pos if p < T - 1]] = True
+    last = torch.zeros(T, dtype=torch.bool)
+    last[-1] = True
+    return torch.stack([subject, last, ~(subject | last)]).double()
+
+
+def _floats(values: Tensor) -> list[float | None]:
+    """JSON-ready floats; NaN and infinities become None."""
+    return [float(v) if np.isfinite(v) else None for v in values.double().tolist()]
+
+
+def _shares(values: Tensor, subject_pos: Sequence[int]) -> Tensor:
+    """(n, T) -> (n, 3) sums over subject / last / other tokens divided by the row sums."""
+    values = values.detach().double().cpu()
+    return values @ _group_masks(values.shape[-1], subject_pos).T / values.sum(-1, keepdim=True)
+
+
+def flow_shares(contrib: Tensor, subject_pos: Sequence[int]) -> dict:
+    """Per-neuron shares of the activation from subject tokens, the last token and the other tokens.
+
+    contrib: (n, T) from `token_flow`. A subject token at the last position counts as "last".
+    "signed": group sum / activation (sums to 1, a share may be negative or above 1 when contributions cancel);
+    "absolute": group sum of |contribution| / sum of |contribution| (in [0, 1], sums to 1).
+    Each share is a list of n floats (None where the denominator is 0).
+    """
+    signed, absolute = _shares(contrib, subject_pos), _shares(contrib.abs(), subject_pos)
+    return {
+        "signed": {g: _floats(signed[:, k]) for k, g in enumerate(GROUPS)},
+        "absolute": {g: _floats(absolute[:, k]) for k, g in enumerate(GROUPS)},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPT-2: real attention from the answer position
+
+
+def _table(masses: Tensor) -> dict:
+    """(n, 3) -> {"subject": [n floats], "last": [...], "other": [...]}."""
+    return {g: _floats(masses[:, k]) for k, g in enumerate(GROUPS)}
+
+
+def gpt2_subject_attention(model: nn.Module, tokenizer, facts: Sequence[Fact]) -> dict:
+    """GPT-2's attention mass from the last prompt token (the answer position) to subject / last / other tokens.
+
+    Per layer, heads averaged; "mean" averages over all prompts of all facts, "facts" over each fact's prompts.
+    """
+    adapter = adapter_for(model)
+    if not isinstance(adapter, GPT2Adapter):
+        raise UserError(f"subject attention needs a GPT-2 model, not a '{model.config.model_type}' model")
+    if not facts:
+        raise UserError("subject attention needs at least one fact")
+    per_fact: dict[str, Tensor] = {}
+    for fact in facts:
+        masses = []
+        for prompt in fact.prompts:
+            ids, _ = encode(tokenizer, prompt, fact.answer, fact.id)
+            weights = adapter.last_position_attention(torch.tensor(ids)).mean(1)  # (n_layers, T) heads averaged
+            masses.append(_shares(weights, subject_positions(tokenizer, prompt, fact.subject)))  # (n_layers, 3)
+        per_fact[fact.id] = torch.stack(masses)  # (prompts, n_layers, 3)
+    every = torch.cat(list(per_fact.values()))
+    log.info("GPT-2 subject attention: %d facts, %d prompts", len(per_fact), len(every))
+    return {
+        "n_layers": adapter.n_layers,
+        "n_prompts": len(every),
+        "mean": _table(every.mean(0)),
+        "facts": {fact_id: _table(m.mean(0)) for fact_id, m in per_fact.items()},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mamba: hidden attention and token flow for every fact, prompt and refined neuron
+
+METHOD = {
+    "position": "last prompt token, the position that predicts the answer's first token",
+    "subject_tokens": "prompt tokens overlapping the subject's characters, without the last position",
+    "hidden_attention": "mean over channels of |alpha_{T-1,j}| normalized to sum 1 over tokens j (alpha's sign "
+    "varies between channels and would cancel in a signed mean); the D skip term is not attention and is left out",
+    "skip_term": "the D x_{T-1} skip term of the scan counts as a contribution of the last token",
+    "signed_share": "sum of a group's contributions / activation; sums to 1, can leave [0, 1] when tokens cancel",
+    "absolute_share": "sum of a group's |contributions| / sum of all |contributions|; in [0, 1], sums to 1",
+    "aggregation": "plain means over (prompt, neuron) pairs; undefined (null) shares are skipped",
+}
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def _mean_shares(records: Iterable[dict]) -> dict:
+    """Mean signed and absolute shares over neuron records (see `_prompt_analysis`)."""
+    records = list(records)
+    means = {kind: {g: _mean(r[kind][g] for r in records) for g in GROUPS} for kind in ("signed", "absolute")}
+    return {"n": len(records), **means}
+
+
+def _check_neurons(adapter: MambaAdapter, fact_id: str, neurons: Sequence[Neuron]) -> None:
+    bad = [(lay, i) for lay, i, _ in neurons if not (0 <= lay < adapter.n_layers and 0 <= i < adapter.width)]
+    if bad:
+        raise UserError(
+            f"{fact_id}: neurons {bad} do not exist in a model of {adapter.n_layers} layers x {adapter.width} neurons"
+        )
+
+
+def _prompt_analysis(adapter: MambaAdapter, tokenizer, fact: Fact, prompt: str, neurons: Sequence[Neuron]) -> dict:
+    """Per layer hidden-attention masses of the last position, and the token flow of the fact's neurons."""
+    ids, _ = encode(tokenizer, prompt, fact.answer, fact.id)
+    subject = subject_positions(tokenizer, prompt, fact.subject)
+    inputs, _, _ = adapter.block_io(torch.tensor(ids))
+    masses, records = [], []
+    for layer, x in enumerate(inputs):
+        s = adapter.ssm_inputs(layer, x)
+        row = _alpha_last(s, slice(None)).abs().mean(0)  # (T,) channel-averaged |alpha_{T-1, j}|
+        masses.append(_shares(row[None], subject)[0])
+        mine = [(int(i), float(score)) for lay, i, score in neurons if lay == layer]
+        if not mine:
+            continue
+        contrib = _flow(s, [i for i, _ in mine])  # (n, T)
+        shares = flow_shares(contrib, subject)
+        for r, (index, score) in enumerate(mine):
+            records.append(
+                {
+                    "layer": layer,
+                    "index": index,
+                    "score": score,
+                    "activation": float(contrib[r].sum()),
+                    "contributions": _floats(contrib[r]),
+                    **{kind: {g: shares[kind][g][r] for g in GROUPS} for kind in ("signed", "absolute")},
+                }
+            )
+    return {
+        "prompt": prompt,
+        "token_ids": ids,
+        "tokens": tokenizer.convert_ids_to_tokens(ids),
+        "subject_positions": subject,
+        "hidden_attention": [dict(zip(GROUPS, _floats(m), strict=True)) for m in masses],
+        "neurons": records,
+    }
+
+
+def mamba_attention_analysis(
+    model: nn.Module,
+    tokenizer,
+    facts: Sequence[Fact],
+    refined: Mapping[str, Sequence[Neuron]],
+    progress: bool = True,
+) -> dict:
+    """Hidden attention and knowledge-neuron token flow of a Mamba model over facts (JSON-ready, no NaN).
+
+    refined: fact id -> refined neurons (layer, index, score); a fact without an entry has no neurons.
+    Per prompt: the tokens, the subject positions, per layer the subject / last / other mass of the channel-averaged
+    hidden attention of the last position, and for each neuron its contributions and shares (see `METHOD`).
+    Aggregated: mean flow shares per fact, per relation, per layer and overall.
+    """
+    adapter = _mamba(model)
+    out = []
+    with torch.no_grad():
+        for fact in tqdm(facts, desc="hidden attention", unit="fact", disable=not progress):
+            neurons = list(refined.get(fact.id, ()))
+            _check_neurons(adapter, fact.id, neurons)
+            prompts = [_prompt_analysis(adapter, tokenizer, fact, p, neurons) for p in fact.prompts]
+            out.append(
+                {
+                    "id": fact.id,
+                    "relation": fact.relation,
+                    "subject": fact.subject,
+                    "answer": fact.answer,
+                    "n_neurons": len(neurons),
+                    "prompts": prompts,
+                    "flow": _mean_shares(r for p in prompts for r in p["neurons"]),
+                }
+            )
+    records = [(f["relation"], r) for f in out for p in f["prompts"] for r in p["neurons"]]
+    hidden = [p["hidden_attention"] for f in out for p in f["prompts"]]  # (prompts, n_layers) of group masses
+    log.info("hidden attention: %d facts, %d prompts, %d neuron-prompt pairs", len(out), len(hidden), len(records))
+    return {
+        "method": METHOD,
+        "n_layers": adapter.n_layers,
+        "width": adapter.width,
+        "facts": out,
+        "by_relation": {
+            rel: _mean_shares(r for rr, r in records if rr == rel) for rel in dict.fromkeys(f["relation"] for f in out)
+        },
+        "by_layer": [
+            {
+                "layer": layer,
+                "flow": _mean_shares(r for _, r in records if r["layer"] == layer),
+                "hidden_attention": {g: _mean(h[layer][g] for h in hidden) for g in GROUPS},
+            }
+            for layer in range(adapter.n_layers)
+        ],
+        "overall": _mean_shares(r for _, r in records),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plots
+
+STYLES = {"subject": ("tab:red", "o"), "last": ("tab:blue", "s"), "other": ("tab:gray", "^")}  # color, marker
+
+
+def _labels(tokenizer, ids: Sequence[int]) -> list[str]:
+    """Readable token labels: the decoded text without surrounding spaces, quoted when it is only whitespace."""
+    texts = [tokenizer.decode([i]) for i in ids]
+    return [text.strip() or repr(text) for text in texts]
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_hidden_attention(model: nn.Module, tokenizer, prompt: str, layers: Sequence[int], path: str | Path) -> Path:
+    """Channel-averaged |alpha| maps of a few Mamba layers side by side; returns the PNG's path."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids or not layers:
+        raise UserError("a hidden-attention plot needs a non-empty prompt and at least one layer")
+    T, labels = len(ids), _labels(tokenizer, ids)
+    side = max(4.0, 0.32 * T + 2.0)
+    fig = _figure(side * len(layers) + 1.0, side)
+    above = np.triu(np.ones((T, T), dtype=bool), k=1)
+    for ax, layer in zip(fig.subplots(1, len(layers), squeeze=False)[0], layers, strict=True):
+        amap = hidden_attention(model, torch.tensor(ids), layer).abs().mean(0)  # (T, T)
+        image = ax.imshow(np.ma.masked_array(amap.double().cpu().numpy(), above), cmap="viridis")
+        ax.set_xticks(range(T), labels, rotation=90, fontsize=8)
+        ax.set_yticks(range(T), labels, fontsize=8)
+        ax.set_xlabel("attended token j (position)")
+        ax.set_ylabel("query token i (position)")
+        ax.set_title(f"layer {layer}")
+        fig.colorbar(image, ax=ax, shrink=0.8, label="mean |α[i, j]| over channels (unitless)")
+    fig.suptitle(f"Mamba hidden attention (Ali et al. 2024): {prompt!r}")
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def _nan(values: Iterable[float | None]) -> list[float]:
+    return [np.nan if v is None else v for v in values]
+
+
+def plot_subject_flow(analysis: dict, path: str | Path, gpt2: dict | None = None) -> Path:
+    """Subject / last / other share of Mamba knowledge-neuron activations by layer (|contribution| shares), beside
+    GPT-2's attention mass from the answer position when `gpt2` (from `gpt2_subject_attention`) is given."""
+    fig = _figure(6.5 * (2 if gpt2 else 1), 4.5)
+    axes = fig.subplots(1, 2 if gpt2 else 1, squeeze=False)[0]
+    by_layer = analysis["by_layer"]
+    layers = [e["layer"] for e in by_layer]
+    ax = axes[0]
+    for g in GROUPS:
+        color, marker = STYLES[g]
+        ax.plot(layers, _nan(e["flow"]["absolute"][g] for e in by_layer), "-", marker=marker, color=color, label=g)
+    subject_hidden = _nan(e["hidden_attention"]["subject"] for e in by_layer)
+    ax.plot(layers, subject_hidden, ":", color=STYLES["subject"][0], label="subject, hidden attention (all channels)")
+    pairs = analysis["overall"]["n"]
+    ax.set_title(f"Mamba knowledge neurons: token flow at the answer position ({pairs} neuron-prompt pairs)")
+    ax.set_ylabel("share of |contributions| (fraction)")
+    if gpt2:
+        ax = axes[1]
+        for g in GROUPS:
+            color, marker = STYLES[g]
+            ax.plot(range(gpt2["n_layers"]), _nan(gpt2["mean"][g]), "-", marker=marker, color=color, label=g)
+        ax.set_title(f"GPT-2 attention from the answer position, heads averaged ({gpt2['n_prompts']} prompts)")
+        ax.set_ylabel("attention mass (fraction)")
+    for ax in axes:
+        ax.set_xlabel("layer")
+        ax.set_ylim(-0.02, 1.02)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.title.set_fontsize(10)
+    fig.savefig(path, dpi=110)
+    return Path(path)

@@ -1,0 +1,215 @@
+"""Hidden attention reproduces Mamba's own mixer, token flow sums to the neurons, GPT-2 attention is the model's."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import MambaConfig, MambaForCausalLM
+
+from attention_neurons import (
+    flow_shares,
+    gpt2_subject_attention,
+    hidden_attention,
+    mamba_attention_analysis,
+    plot_hidden_attention,
+    plot_subject_flow,
+    segsum,
+    token_flow,
+)
+from errors import UserError
+from facts import Fact
+from models import adapter_for
+from tokens import encode
+
+FACTS = (
+    Fact("capital_france", "capital_of", "France", "Paris", ("The capital of France is", "France's capital is")),
+    Fact("river_china", "longest_river", "China", "Yangtze", ("The longest river in China is the",)),
+)
+REFINED = {"capital_france": [(0, 3, 0.5), (0, 40, 0.2), (2, 10, 0.1)], "river_china": [(1, 5, 0.3)]}
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def random_mamba(seed: int, strong_decay: bool = False) -> MambaForCausalLM:
+    """2 layers, d_inner 32, d_state 4; strong_decay makes exp(sum Delta A) underflow float32 within a few steps."""
+    torch.manual_seed(seed)
+    cfg = MambaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32, state_size=4, vocab_size=64)
+    model = MambaForCausalLM(cfg).eval().requires_grad_(False)
+    if strong_decay:
+        for layer in model.backbone.layers:
+            layer.mixer.A_log.fill_(5.0)  # A = -148
+            layer.mixer.dt_proj.bias.fill_(1.0)  # Delta ~ 1.3: Delta A ~ -200 a step
+    return model
+
+
+def out_proj_inputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The model's own neurons y * silu(z), (T, d_inner) per layer, captured at every mixer's out_proj."""
+    caught: list[torch.Tensor] = []
+    hooks = [
+        layer.mixer.out_proj.register_forward_pre_hook(lambda module, args: caught.append(args[0][0]))
+        for layer in model.backbone.layers
+    ]
+    try:
+        with torch.no_grad():
+            model(ids[None], use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return caught
+
+
+@pytest.mark.parametrize("strong_decay", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hidden_attention_reproduces_the_mixer(seed, strong_decay):
+    model = random_mamba(seed, strong_decay)
+    adapter = adapter_for(model)
+    for T in (1, 2, 5, 17):
+        ids = torch.randint(0, 64, (T,))
+        theirs = out_proj_inputs(model, ids)
+        inputs, _, _ = adapter.block_io(ids)
+        for layer in range(adapter.n_layers):
+            alpha = hidden_attention(model, ids, layer, chunk=7)  # chunks of 7 channels: 32 is not a multiple
+            assert alpha.shape == (32, T, T) and torch.isfinite(alpha).all()
+            s = adapter.ssm_inputs(layer, inputs[layer])
+            y = torch.einsum("dij,jd->id", alpha, s.u) + s.D * s.u  # (T, d_inner)
+            assert rel_diff(y * F.silu(s.z), theirs[layer]) <= 1e-4
+
+
+def test_segsum():
+    x = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    expected = torch.tensor([[0, -1, -1, -1], [2, 0, -1, -1], [6, 4, 0, -1], [14, 12, 8, 0]]).float()
+    expected[expected == -1] = -torch.inf
+    assert torch.equal(segsum(x), expected)
+
+
+def test_alpha_is_causal_and_matches_the_product_of_decays():
+    model = random_mamba(3).double()
+    adapter = adapter_for(model)
+    ids = torch.randint(0, 64, (6,))
+    layer = 1
+    alpha = hidden_attention(model, ids, layer)
+    assert alpha.dtype == torch.float64
+    assert torch.equal(torch.triu(alpha, diagonal=1), torch.zeros_like(alpha))
+    s = adapter.ssm_inputs(layer, adapter.block_io(ids)[0][layer])
+    for d, i, j in [(0, 5, 0), (7, 5, 2), (31, 3, 3), (12, 4, 1), (20, 1, 0)]:
+        decay = torch.ones(s.A.shape[1], dtype=torch.float64)
+        for k in range(j + 1, i + 1):
+            decay = decay * torch.exp(s.dt[k, d] * s.A[d])  # Abar_k
+        naive = (s.C[i] * decay * s.dt[j, d] * s.B[j]).sum()  # C_i (prod Abar_k) Bbar_j
+        assert abs(alpha[d, i, j].item() - naive.item()) <= 1e-12 * (1 + abs(naive.item()))
+
+
+def test_hidden_attention_needs_mamba(tiny_gpt2):
+    model, _ = tiny_gpt2
+    with pytest.raises(UserError, match="Mamba"):
+        hidden_attention(model, torch.tensor([1, 2, 3]), 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_token_flow_sums_to_the_activation(seed):
+    model = random_mamba(seed)
+    neurons = [0, 5, 17, 31]
+    for T in (1, 2, 9):
+        ids = torch.randint(0, 64, (T,))
+        theirs = out_proj_inputs(model, ids)
+        for layer in range(2):
+            flow = token_flow(model, ids, layer, neurons)
+            assert flow.shape == (len(neurons), T)
+            err = (flow.sum(1) - theirs[layer][-1, neurons]).abs().max() / theirs[layer][-1].abs().max()
+            assert err.item() <= 1e-5
+    with pytest.raises(UserError, match="outside"):
+        token_flow(model, ids, 0, [32])
+
+
+def test_flow_shares():
+    contrib = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-1.0, 2.0, 0.0, 1.0], [0.5, 0.0, 0.0, 1.5]])
+    shares = flow_shares(contrib, [1, 2])
+    assert shares["signed"]["subject"] == pytest.approx([0.5, 1.0, 0.0])
+    assert shares["signed"]["last"] == pytest.approx([0.4, 0.5, 0.75])
+    assert shares["signed"]["other"] == pytest.approx([0.1, -0.5, 0.25])
+    assert shares["absolute"]["other"] == pytest.approx([0.1, 0.25, 0.25])
+    for kind in ("signed", "absolute"):
+        totals = [sum(v) for v in zip(*shares[kind].values(), strict=True)]
+        assert totals == pytest.approx([1.0] * 3)
+    last_in_subject = flow_shares(contrib, [2, 3])  # the last position counts as "last", not "subject"
+    assert last_in_subject["signed"]["subject"] == pytest.approx([0.3, 0.0, 0.0])
+    assert flow_shares(torch.tensor([[1.0, -1.0]]), [0])["signed"]["subject"] == [None]  # activation 0
+
+
+def test_last_position_attention_is_the_models(tiny_gpt2):
+    model, tok = tiny_gpt2
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    ids = torch.tensor(encode(tok, "The capital of France is", "Paris")[0])
+    ours = adapter_for(model).last_position_attention(ids)
+    with torch.no_grad():
+        theirs = torch.stack(eager(ids[None], output_attentions=True).attentions)[:, 0, :, -1]  # (layers, heads, T)
+    assert ours.shape == (3, 4, len(ids))
+    assert torch.allclose(ours.sum(-1), torch.ones(3, 4), atol=1e-6)
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    assert adapter_for(model).last_position_attention(ids[:1]).flatten().tolist() == pytest.approx([1.0] * 12)
+
+
+def test_gpt2_subject_attention(tiny_gpt2, tiny_mamba):
+    result = gpt2_subject_attention(*tiny_gpt2, FACTS)
+    assert result["n_prompts"] == 3 and set(result["facts"]) == {"capital_france", "river_china"}
+    for table in (result["mean"], *result["facts"].values()):
+        totals = [sum(v) for v in zip(*table.values(), strict=True)]
+        assert totals == pytest.approx([1.0] * 3, abs=1e-6)
+    json.dumps(result, allow_nan=False)
+    with pytest.raises(UserError, match="GPT-2"):
+        gpt2_subject_attention(*tiny_mamba, FACTS)
+
+
+@pytest.fixture(scope="module")
+def analysis(tiny_mamba):
+    return mamba_attention_analysis(*tiny_mamba, FACTS, REFINED, progress=False)
+
+
+def test_mamba_attention_analysis(tiny_mamba, analysis):
+    model, tok = tiny_mamba
+    json.dumps(analysis, allow_nan=False)
+    adapter = adapter_for(model)
+    assert [f["id"] for f in analysis["facts"]] == ["capital_france", "river_china"]
+    records = 0
+    for fact in analysis["facts"]:
+        for p in fact["prompts"]:
+            T = len(p["token_ids"])
+            assert len(p["tokens"]) == T and len(p["hidden_attention"]) == 3
+            for masses in p["hidden_attention"]:
+                assert sum(masses.values()) == pytest.approx(1.0)
+            acts = adapter.prefix(torch.tensor(p["token_ids"])).acts  # the adapter's own neurons, (layers, width)
+            for r in p["neurons"]:
+                records += 1
+                assert len(r["contributions"]) == T
+                assert sum(r["contributions"]) == pytest.approx(r["activation"], rel=1e-4, abs=1e-6)
+                assert r["activation"] == pytest.approx(acts[r["layer"], r["index"]].item(), rel=1e-4, abs=1e-6)
+                assert sum(r["absolute"].values()) == pytest.approx(1.0)
+                assert sum(r["signed"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert records == 2 * 3 + 1
+    assert analysis["overall"]["n"] == records
+    assert analysis["by_relation"]["capital_of"]["n"] == 6 and analysis["by_relation"]["longest_river"]["n"] == 1
+    assert [e["flow"]["n"] for e in analysis["by_layer"]] == [4, 1, 2]
+    for e in analysis["by_layer"]:
+        assert sum(e["flow"]["absolute"].values()) == pytest.approx(1.0)
+        assert sum(e["hidden_attention"].values()) == pytest.approx(1.0)
+    with pytest.raises(UserError, match="do not exist"):
+        mamba_attention_analysis(model, tok, FACTS[:1], {"capital_france": [(3, 0, 1.0)]}, progress=False)
+
+
+def test_plots(tiny_mamba, tiny_gpt2, analysis, tmp_path):
+    model, tok = tiny_mamba
+    written = [
+        plot_hidden_attention(model, tok, FACTS[0].prompts[0], [0, 2], tmp_path / "hidden.png"),
+        plot_subject_flow(analysis, tmp_path / "flow.png"),
+        plot_subject_flow(analysis, tmp_path / "flow_gpt2.png", gpt2=gpt2_subject_attention(*tiny_gpt2, FACTS)),
+    ]
+    for path in written:
+        data = path.read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000
