@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from analysis import ModelResult, Options, find_knowledge_neurons, knowledge_tables, write_knowledge
+from analysis import ModelResult, Options, find_knowledge_neurons, knowledge_json, knowledge_tables, write_knowledge
 from errors import UserError
 from facts import Fact
 from knowledge_neurons import KnowledgeNeurons
 from models import load_model
+from outputs import table, versions, write_json, write_text
+from statistics_kn import bootstrap_ci, pair_table, permutation_test
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +52,143 @@ def knowledge_stage(
 def run_knowledge(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
     done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
     print(knowledge_tables({LABELS[a]: r for a, (r, _) in done.items()}))
+
+
+def _attention_figures(model, tokenizer, facts: Sequence[Fact], out: Path, n_layers: int) -> list[str]:
+    """Channel-averaged hidden-attention maps of each fact's first prompt at four layers across the depth."""
+    from attention_neurons import plot_hidden_attention
+
+    layers = sorted({round(k * (n_layers - 1) / 3) for k in range(4)})
+    return [
+        str(plot_hidden_attention(model, tokenizer, f.prompts[0], layers, out / f"hidden_attention_{f.id}.png"))
+        for f in facts
+    ]
+
+
+def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str],
+                    mamba: tuple[ModelResult, KnowledgeNeurons]) -> dict:
+    """Hidden attention and token -> knowledge-neuron flow for Mamba, GPT-2 attention beside it.
+
+    Writes mamba_analysis.json and the figures under <out>/figures; returns the JSON document.
+    """
+    from attention_neurons import gpt2_subject_attention, mamba_attention_analysis, plot_subject_flow
+
+    result, kn = mamba
+    out = Path(args.out)
+    analysis = mamba_attention_analysis(kn.model, kn.tokenizer, facts, result.refined(), progress=not args.quiet)
+    gpt2_model, gpt2_tokenizer = load_model(names["gpt2"], args.device)
+    gpt2 = gpt2_subject_attention(gpt2_model, gpt2_tokenizer, facts)
+    figures = _attention_figures(kn.model, kn.tokenizer, facts, out / "figures", kn.n_layers)
+    figures.append(str(plot_subject_flow(analysis, out / "figures" / "subject_flow_by_layer.png", gpt2)))
+    doc = {
+        "model": result.name,
+        "gpt2_model": names["gpt2"],
+        "options": dataclasses.asdict(result.options),
+        "seed": result.options.seed,
+        "versions": versions(),
+        "hidden_attention": analysis,
+        "gpt2_attention": gpt2,
+        "figures": [str(Path(f).relative_to(out)) for f in figures],
+    }
+    write_json(out / "mamba_analysis.json", doc)
+    log.info("wrote %s and %d figures", out / "mamba_analysis.json", len(figures))
+    return doc
+
+
+def run_attention(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
+    mamba = knowledge_stage(args, facts, names, ("mamba",))["mamba"]
+    doc = attention_stage(args, facts, names, mamba)
+    print(attention_table(doc))
+
+
+def attention_table(doc: dict) -> str:
+    """Per layer: where Mamba's knowledge neurons read from, next to GPT-2's attention from the answer position."""
+    by_layer = doc["hidden_attention"]["by_layer"]
+    gpt2 = doc["gpt2_attention"]["mean"]
+    rows = []
+    for layer in range(max(len(by_layer), len(gpt2["subject"]))):
+        flow = by_layer[layer]["flow"] if layer < len(by_layer) else {"n": None, "absolute": {}}
+        g = {k: v[layer] if layer < len(v) else None for k, v in gpt2.items()}
+        rows.append([layer, flow["n"], *(flow["absolute"].get(k) for k in ("subject", "last", "other")),
+                     g["subject"], g["last"], g["other"]])
+    headers = ["layer", "Mamba KN x prompts", "flow subject", "flow last", "flow other", "GPT-2 attn subject",
+               "attn last", "attn other"]
+    return (
+        "Token -> knowledge-neuron flow in Mamba (absolute shares) and GPT-2 attention from the answer position "
+        "(heads averaged)\n\n" + table(headers, rows)
+    )
+
+
+def relation_statistics(result: ModelResult, args: argparse.Namespace) -> dict:
+    """Intra- vs inter-relation Jaccard: permutation test over relation labels and bootstrap CIs of both means."""
+    sets, relations = result.neuron_sets(), result.relations()
+    pairs = pair_table(sets, relations, result.n_layers)
+    return {
+        "permutation_test": permutation_test(sets, relations, args.permutations, args.seed),
+        "bootstrap": {
+            split: bootstrap_ci([p["jaccard"] for p in pairs if p["same_relation"] == same], args.bootstrap,
+                                args.seed)
+            for split, same in (("intra_jaccard", True), ("inter_jaccard", False))
+        },
+    }
+
+
+def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
+    from figures import plot_interventions, plot_jaccard_matrix, plot_layer_distribution
+    from interventions import run_interventions
+    from report import comprehensive_report, interventions_table
+
+    out = Path(args.out)
+    done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
+    attention = attention_stage(args, facts, names, done["mamba"])
+    per_model = {}
+    for arch, (result, kn) in done.items():
+        per_model[arch] = {
+            "interventions": run_interventions(kn, facts, result.refined(), args.random_draws, args.seed,
+                                               progress=not args.quiet),
+            "statistics": relation_statistics(result, args),
+        }
+    results = {LABELS[a]: r for a, (r, _) in done.items()}
+    figures = {
+        "layer_distribution": plot_layer_distribution(results, out / "figures" / "knowledge_neurons_per_layer.png"),
+        "interventions": plot_interventions(
+            {LABELS[a]: m["interventions"]["summary"] for a, m in per_model.items()},
+            out / "figures" / "interventions.png"),
+        **{f"jaccard_{arch}": plot_jaccard_matrix(r, LABELS[arch], out / "figures" / f"jaccard_{arch}.png")
+           for arch, (r, _) in done.items()},
+    }
+    mamba_result, _ = done["mamba"]
+    doc = {
+        "model": mamba_result.name,
+        "options": {**dataclasses.asdict(mamba_result.options), "random_draws": args.random_draws,
+                    "permutations": args.permutations, "bootstrap": args.bootstrap},
+        "seed": args.seed,
+        "versions": versions(),
+        "knowledge_neurons": knowledge_json(mamba_result, done["mamba"][1].tokenizer,
+                                            scores_file="mamba_knowledge_neurons.npz"),
+        "hidden_attention": attention["hidden_attention"],
+        "interventions": per_model["mamba"]["interventions"],
+        "statistics": per_model["mamba"]["statistics"],
+        "comparison": {
+            "gpt2": {
+                "model": done["gpt2"][0].name,
+                "layer_distribution": knowledge_json(done["gpt2"][0], done["gpt2"][1].tokenizer)["layer_distribution"],
+                "interventions": per_model["gpt2"]["interventions"],
+                "statistics": per_model["gpt2"]["statistics"],
+                "attention": attention["gpt2_attention"],
+            },
+        },
+        "files": {
+            "gpt2_knowledge_neurons": "gpt2_knowledge_neurons.json",
+            "mamba_knowledge_neurons": "mamba_knowledge_neurons.json",
+            "mamba_analysis": "mamba_analysis.json",
+            "report": "report.md",
+            "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
+        },
+    }
+    write_json(out / "mamba_comprehensive_analysis.json", doc)
+    write_text(out / "report.md", comprehensive_report(doc, results, per_model, attention))
+    print(knowledge_tables(results))
+    print()
+    print(interventions_table({LABELS[a]: m["interventions"]["summary"] for a, m in per_model.items()}))
+    log.info("wrote %s and %s", out / "mamba_comprehensive_analysis.json", out / "report.md")
