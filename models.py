@@ -64,7 +64,9 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     Returns (model, tokenizer).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bars are over facts; per-file bars are noise
     local = Path(name).expanduser()
     source = str(local) if local.exists() else name
     try:

@@ -59,6 +59,7 @@ def _attention_figures(model, tokenizer, facts: Sequence[Fact], out: Path, n_lay
     from attention_neurons import plot_hidden_attention
 
     layers = sorted({round(k * (n_layers - 1) / 3) for k in range(4)})
+    out.mkdir(parents=True, exist_ok=True)
     return [
         str(plot_hidden_attention(model, tokenizer, f.prompts[0], layers, out / f"hidden_attention_{f.id}.png"))
         for f in facts

@@ -56,3 +56,18 @@ def tiny_mamba(tmp_path_factory):
 def tiny_model(request):
     """Both tiny models, one after the other."""
     return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory):
+    """{"gpt2": folder, "mamba": folder}: the trained demo models, built once per session (about 30 s on a CPU).
+
+    Built in a fresh temporary folder unless $KN_TEST_DEMO_CACHE names a cache to reuse across runs.
+    """
+    import os
+
+    from demo_models import ensure_demo_models
+    from facts import FACTS
+
+    cache = os.environ.get("KN_TEST_DEMO_CACHE") or tmp_path_factory.mktemp("demo")
+    return ensure_demo_models(FACTS, cache_dir=cache, progress=False)

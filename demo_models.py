@@ -1,0 +1,338 @@
+"""Offline demo models: a tiny GPT-2 and a tiny Mamba trained on the CPU to know the fact table.
+
+The real GPT-2 and Mamba checkpoints come from the Hugging Face hub; without it (CI, an offline laptop) the
+demo models let every analysis run end to end on models that really know the facts. Each is a real
+`GPT2LMHeadModel` / `MambaForCausalLM` (a few layers, width 64) with a small byte-level BPE tokenizer trained
+on the facts' own text, fitted by full-batch AdamW with teacher forcing on "prompt + answer" until it
+predicts every answer token (checked with `demo_accuracy`, which must reach `MIN_ACCURACY`).
+
+Models are cached in `demo_cache_dir()`, one folder per (architecture, fact table, training settings,
+library versions): `ensure_demo_models` reuses what exists and builds what is missing, atomically (a temporary
+folder beside the final one, renamed into place once complete), so an interrupted build never leaves a
+half-written model behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+import torch
+import torch.nn.functional as F
+import transformers
+
+from errors import UserError
+from facts import FACTS, Fact, facts_hash
+from tokens import continuation, encode
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("gpt2", "mamba")
+MIN_ACCURACY = 0.9
+INFO_FILE = "demo_info.json"
+ENV_CACHE = "KN_DEMO_CACHE"
+FORMAT_VERSION = 1  # bump when the training code changes in a way the settings do not show
+# One thread: these models are tiny, so two threads gain little on an idle machine and lose badly on a busy one
+# (a CI runner); one thread also keeps the result independent of the machine's core count.
+TRAIN_THREADS = 1
+
+EOS = "<|endoftext|>"
+
+DEMO_SETTINGS: dict[str, Any] = {
+    "format": FORMAT_VERSION,
+    "tokenizer": {"kind": "byte_level_bpe", "vocab_size": 600, "min_frequency": 1, "add_prefix_space": False,
+                  "eos_token": EOS},
+    "gpt2": {"n_layer": 4, "n_embd": 64, "n_head": 4, "n_inner": 256, "n_positions": 128,
+             "activation_function": "gelu_new", "pdrop": 0.0,
+             "steps": 120, "lr": 3e-3, "weight_decay": 0.01, "warmup": 10, "seed": 0,
+             "answer_weight": 1.0, "context_weight": 0.1},
+    "mamba": {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128, "state_size": 16,
+              "conv_kernel": 4,
+              "steps": 50, "lr": 3e-3, "weight_decay": 0.01, "warmup": 10, "seed": 0,
+              "answer_weight": 1.0, "context_weight": 0.1},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# where the models live
+
+
+def _platform_cache() -> Path:
+    """The user's cache folder: XDG on Linux, ~/Library/Caches on macOS, %LOCALAPPDATA% on Windows."""
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = str(Path.home() / "Library" / "Caches")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "knowledge-neurons" / "demo"
+
+
+def demo_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """The folder holding the demo models (created): `cache_dir` > $KN_DEMO_CACHE > the user's cache."""
+    if cache_dir is not None:
+        path = Path(cache_dir)
+    elif os.environ.get(ENV_CACHE):
+        path = Path(os.environ[ENV_CACHE])
+    else:
+        path = _platform_cache()
+    path = path.expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot create the demo model cache {path}: {exc} (set ${ENV_CACHE} to another folder)"
+        ) from exc
+    return path
+
+
+def _versions() -> dict[str, str]:
+    """The library versions a cached model depends on (major.minor where patches do not matter)."""
+
+    def major_minor(version: str) -> str:
+        return ".".join(version.split("+")[0].split(".")[:2])
+
+    return {"transformers": major_minor(transformers.__version__), "torch": torch.__version__.split("+")[0],
+            "tokenizers": major_minor(tokenizers.__version__)}
+
+
+def demo_key(arch: str, facts: Sequence[Fact], settings: dict[str, Any] | None = None) -> str:
+    """Folder name of the demo model of `arch` for this fact table, settings and library versions."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown demo architecture {arch!r} (expected one of {ARCHS})")
+    settings = DEMO_SETTINGS if settings is None else settings
+    keyed = {"arch": arch, "format": settings.get("format"), "tokenizer": settings["tokenizer"],
+             "model": settings[arch], "versions": _versions()}
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    return f"{arch}-{facts_hash(facts)}-{digest}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tokenizer and data
+
+
+def _texts(facts: Sequence[Fact]) -> list[str]:
+    """Every text a run feeds: each prompt followed by its answer, in table order."""
+    return [prompt + continuation(prompt, fact.answer) for fact in facts for prompt in fact.prompts]
+
+
+def build_tokenizer(facts: Sequence[Fact], settings: dict[str, Any] | None = None):
+    """A byte-level BPE (GPT-2 style, no prefix space) trained on the facts' text, as a fast HF tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    cfg = (DEMO_SETTINGS if settings is None else settings)["tokenizer"]
+    bpe = ByteLevelBPETokenizer(add_prefix_space=cfg["add_prefix_space"])
+    bpe.train_from_iterator(_texts(facts), vocab_size=cfg["vocab_size"], min_frequency=cfg["min_frequency"],
+                            special_tokens=[cfg["eos_token"]], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=cfg["eos_token"], bos_token=cfg["eos_token"],
+                                   pad_token=cfg["eos_token"])
+
+
+def _batch(tokenizer, facts: Sequence[Fact], answer_weight: float, context_weight: float):
+    """All prompts as one right-padded batch: (inputs, targets, weights, attention mask), each (n_prompts, T).
+
+    Sequence = prompt ids + answer ids, tokenized exactly as the analysis does (`tokens.encode`). The targets
+    are the next tokens; answer tokens weigh `answer_weight`, other real tokens `context_weight`, pads 0.
+    """
+    seqs, n_prompt = [], []
+    for fact in facts:
+        for k, prompt in enumerate(fact.prompts, 1):
+            prompt_ids, answer_ids = encode(tokenizer, prompt, fact.answer, f"fact {fact.id!r}, prompt {k}")
+            seqs.append(prompt_ids + answer_ids)
+            n_prompt.append(len(prompt_ids))
+    T = max(len(s) for s in seqs) - 1
+    pad = tokenizer.eos_token_id
+    inputs = torch.full((len(seqs), T), pad, dtype=torch.long)
+    targets = torch.full((len(seqs), T), pad, dtype=torch.long)
+    weights = torch.zeros(len(seqs), T)
+    for i, (seq, p) in enumerate(zip(seqs, n_prompt, strict=True)):
+        n = len(seq) - 1
+        inputs[i, :n] = torch.tensor(seq[:-1])
+        targets[i, :n] = torch.tensor(seq[1:])
+        weights[i, :n] = context_weight
+        weights[i, p - 1 : n] = answer_weight  # position p-1 predicts the first answer token
+    return inputs, targets, weights, (weights > 0).long()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models
+
+
+def _new_model(arch: str, vocab_size: int, eos_id: int, cfg: dict[str, Any]):
+    from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
+
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_positions=cfg["n_positions"], n_layer=cfg["n_layer"],
+                            n_embd=cfg["n_embd"], n_head=cfg["n_head"], n_inner=cfg["n_inner"],
+                            activation_function=cfg["activation_function"], resid_pdrop=cfg["pdrop"],
+                            embd_pdrop=cfg["pdrop"], attn_pdrop=cfg["pdrop"], bos_token_id=eos_id,
+                            eos_token_id=eos_id, pad_token_id=eos_id)
+        return GPT2LMHeadModel(config)
+    config = MambaConfig(vocab_size=vocab_size, hidden_size=cfg["hidden_size"],
+                         intermediate_size=cfg["intermediate_size"], state_size=cfg["state_size"],
+                         num_hidden_layers=cfg["num_hidden_layers"], conv_kernel=cfg["conv_kernel"],
+                         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    return MambaForCausalLM(config)
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Run the block with `n` torch CPU threads, then restore the previous number."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10 %."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _train(arch: str, facts: Sequence[Fact], progress: bool = True, settings: dict[str, Any] | None = None):
+    """Train the demo model of `arch` on `facts` (CPU, deterministic). Returns (model, tokenizer, seconds)."""
+    from tqdm.auto import tqdm
+
+    settings = DEMO_SETTINGS if settings is None else settings
+    cfg = settings[arch]
+    tokenizer = build_tokenizer(facts, settings)
+    inputs, targets, weights, mask = _batch(tokenizer, facts, cfg["answer_weight"], cfg["context_weight"])
+    if inputs.shape[1] + 1 > cfg.get("n_positions", 1 << 30):
+        raise UserError(f"a fact prompt is longer than the demo GPT-2's {cfg['n_positions']} positions")
+
+    with _threads(TRAIN_THREADS):
+        torch.manual_seed(cfg["seed"])
+        model = _new_model(arch, len(tokenizer), tokenizer.eos_token_id, cfg)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: _lr_factor(s, cfg["steps"], cfg["warmup"])
+        )
+        total = weights.sum()
+        start = time.perf_counter()
+        bar = tqdm(range(cfg["steps"]), desc=f"training demo {arch}", disable=not progress, leave=False)
+        for _ in bar:
+            logits = model(input_ids=inputs, attention_mask=mask, use_cache=False).logits
+            losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            loss = (losses * weights.flatten()).sum() / total
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        seconds = time.perf_counter() - start
+    model.eval().requires_grad_(False)
+    log.info("trained demo %s in %.1f s (final loss %.4f)", arch, seconds, loss.item())
+    return model, tokenizer, seconds
+
+
+def demo_accuracy(model, tokenizer, facts: Sequence[Fact]) -> float:
+    """Fraction of fact prompts whose every answer token is the model's top-1 next token under teacher forcing."""
+    device = next(model.parameters()).device
+    hits = total = 0
+    with torch.no_grad():
+        for fact in facts:
+            for k, prompt in enumerate(fact.prompts, 1):
+                prompt_ids, answer_ids = encode(tokenizer, prompt, fact.answer, f"fact {fact.id!r}, prompt {k}")
+                ids = torch.tensor([prompt_ids + answer_ids[:-1]], device=device)
+                logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1 :]
+                hits += bool((logits.argmax(-1).cpu() == torch.tensor(answer_ids)).all())
+                total += 1
+    return hits / total if total else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the cache
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / INFO_FILE).is_file()
+
+
+def _build(arch: str, facts: Sequence[Fact], folder: Path, progress: bool) -> None:
+    """Train, check and save the demo model of `arch` into `folder` (atomically)."""
+    from models import load_model
+
+    log.info("building the demo %s model for %d facts (one-off, cached in %s)", arch, len(facts), folder.parent)
+    model, tokenizer, seconds = _train(arch, facts, progress=progress)
+    with _threads(TRAIN_THREADS):
+        trained_accuracy = demo_accuracy(model, tokenizer, facts)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        loaded, loaded_tokenizer = load_model(str(tmp))  # what the analysis will see
+        with _threads(TRAIN_THREADS):
+            accuracy = demo_accuracy(loaded, loaded_tokenizer, facts)
+        log.info("demo %s: accuracy %.1f %% on %d facts (%.1f %% before saving), trained in %.1f s",
+                 arch, 100 * accuracy, len(facts), 100 * trained_accuracy, seconds)
+        if accuracy < MIN_ACCURACY:
+            raise RuntimeError(
+                f"the demo {arch} model reached only {100 * accuracy:.1f} % accuracy on the facts "
+                f"(< {100 * MIN_ACCURACY:.0f} %); not saving it. Change DEMO_SETTINGS['{arch}'] (more steps)."
+            )
+        info = {"arch": arch, "key": folder.name, "settings": {"format": DEMO_SETTINGS["format"],
+                "tokenizer": DEMO_SETTINGS["tokenizer"], "model": DEMO_SETTINGS[arch]},
+                "facts_hash": facts_hash(facts), "n_facts": len(facts),
+                "n_prompts": sum(len(f.prompts) for f in facts), "accuracy": accuracy,
+                "accuracy_before_saving": trained_accuracy, "training_seconds": round(seconds, 2),
+                "vocab_size": len(tokenizer), "torch": torch.__version__, "transformers": transformers.__version__,
+                "tokenizers": tokenizers.__version__}
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")  # written last
+        if folder.exists() and not _complete(folder):
+            shutil.rmtree(folder)  # a leftover without its info file
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not _complete(folder):  # another process finished first: keep its copy
+                raise
+            log.info("another process built %s first; using it", folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_demo_models(facts: Sequence[Fact] = FACTS, cache_dir: str | Path | None = None,
+                       progress: bool = True) -> dict[str, Path]:
+    """{"gpt2": folder, "mamba": folder} of demo models that know `facts`; builds the missing ones (CPU)."""
+    root = demo_cache_dir(cache_dir)
+    folders: dict[str, Path] = {}
+    for arch in ARCHS:
+        folder = root / demo_key(arch, facts)
+        if _complete(folder):
+            log.info("reusing cached demo model %s", folder)
+        else:
+            _build(arch, facts, folder, progress)
+        folders[arch] = folder
+    return folders
+
+
+def read_info(folder: str | Path) -> dict[str, Any]:
+    """The demo_info.json of a demo model folder."""
+    return json.loads((Path(folder) / INFO_FILE).read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for arch_, path_ in ensure_demo_models(cache_dir=sys.argv[1] if len(sys.argv) > 1 else None).items():
+        log.info("%s: %s (accuracy %.3f)", arch_, path_, read_info(path_)["accuracy"])

@@ -1,0 +1,124 @@
+"""The command line end to end on the demo models, and its handling of user mistakes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from facts import FACTS, relations
+from main import main
+
+# two relations x two facts keep the end-to-end runs short
+SUBSET = [f for facts in list(relations(FACTS).values())[:2] for f in facts[:2]]
+
+
+def _facts_file(path, facts=SUBSET):
+    path.write_text("\n".join(json.dumps({"id": f.id, "relation": f.relation, "subject": f.subject,
+                                          "answer": f.answer, "prompts": list(f.prompts)}) for f in facts))
+    return path
+
+
+def _demo_args(demo_models, tmp_path, mode, *extra):
+    return [mode, "--gpt2-model", str(demo_models["gpt2"]), "--mamba-model", str(demo_models["mamba"]),
+            "--facts", str(_facts_file(tmp_path / "facts.jsonl")), "--out", str(tmp_path / "out"), "-q",
+            "--steps", "8", *extra]
+
+
+def test_unknown_mode_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain"])
+    assert exit_info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--demo", "--facts", "--steps", "--ig-method", "--baseline", "--threshold", "--share",
+                   "--batch-size", "--seed", "--device", "--fresh", "comprehensive", "attention", "knowledge"):
+        assert option in text
+
+
+def test_unreachable_model_gives_one_line_error(tmp_path, capsys):
+    code = main(["knowledge", "--gpt2-model", "no-such-org/no-such-model", "--out", str(tmp_path), "-q"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" not in err
+    assert err.count("\n") == 1 and "no-such-org/no-such-model" in err and "--demo" in err
+
+
+def test_bad_facts_file_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "facts.jsonl"
+    bad.write_text('{"id": "a", "relation": "r", "subject": "X", "answer": "Y", "prompts": ["X is"]}\n{oops\n')
+    assert main(["knowledge", "--facts", str(bad), "--out", str(tmp_path), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:2:" in err and "Traceback" not in err
+
+
+def test_bad_option_value_is_a_user_error(demo_models, tmp_path, capsys):
+    assert main(_demo_args(demo_models, tmp_path, "knowledge", "--baseline", "reference")) == 1
+    assert "--baseline-prompt" in capsys.readouterr().err
+
+
+def test_knowledge_mode_writes_results_and_resumes(demo_models, tmp_path, caplog, capsys):
+    args = _demo_args(demo_models, tmp_path, "knowledge")
+    assert main(args) == 0
+    out = tmp_path / "out"
+    assert "Side by side" in capsys.readouterr().out
+    first = {}
+    for arch in ("gpt2", "mamba"):
+        doc = json.loads((out / f"{arch}_knowledge_neurons.json").read_text())
+        assert doc["architecture"] == arch and doc["options"]["steps"] == 8
+        assert [f["id"] for f in doc["facts"]] == [f.id for f in SUBSET]
+        assert doc["versions"]["torch"] and doc["seed"] == 0
+        fact = doc["facts"][0]
+        assert len(fact["prompts"]) == len(SUBSET[0].prompts)
+        assert all(0 < p["p_answer"] <= 1 for p in fact["prompts"])
+        assert len(doc["layer_distribution"]) == doc["n_layers"]
+        assert sum(doc["layer_distribution"]) == sum(f["n_refined"] for f in doc["facts"])
+        with np.load(out / f"{arch}_knowledge_neurons.npz") as npz:
+            scores = npz[f"{SUBSET[0].id}/scores"]
+            assert scores.shape == (len(SUBSET[0].prompts), doc["n_layers"], doc["neurons_per_layer"])
+            layer, index, score = fact["refined_neurons"][0]
+            assert score == pytest.approx(float(scores[:, layer, index].mean()), rel=1e-5)
+        first[arch] = doc
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    assert "reused 4 of 4 facts" in caplog.text
+    for arch in ("gpt2", "mamba"):
+        again = json.loads((out / f"{arch}_knowledge_neurons.json").read_text())
+        assert again["facts"] == first[arch]["facts"]
+
+
+def test_attention_mode(demo_models, tmp_path):
+    assert main(_demo_args(demo_models, tmp_path, "attention")) == 0
+    out = tmp_path / "out"
+    doc = json.loads((out / "mamba_analysis.json").read_text())
+    assert doc["hidden_attention"] and doc["gpt2_attention"]
+    for name in doc["figures"]:
+        assert (out / name).stat().st_size > 5000
+
+
+def test_comprehensive_mode(demo_models, tmp_path, capsys):
+    assert main(_demo_args(demo_models, tmp_path, "comprehensive", "--random-draws", "2", "--permutations", "50",
+                           "--bootstrap", "50")) == 0
+    out = tmp_path / "out"
+    text = (out / "mamba_comprehensive_analysis.json").read_text()
+    doc = json.loads(text)
+    assert "NaN" not in text
+    for key in ("knowledge_neurons", "hidden_attention", "interventions", "statistics", "comparison"):
+        assert doc[key]
+    assert doc["statistics"]["permutation_test"]["n_permutations"] == 50
+    for path in doc["files"]["figures"].values():
+        assert (out / path).stat().st_size > 5000
+    report = (out / "report.md").read_text()
+    assert "## Causal checks" in report and "figures/interventions.png" in report
+    for name in doc["files"].values():
+        if isinstance(name, str):
+            assert (out / name).exists()
+    assert "Interventions" in capsys.readouterr().out
