@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from errors import UserError
 from facts import Fact
 from knowledge_neurons import IG_METHODS, KnowledgeNeurons, Neuron, coarse_neurons, refined_neurons
-from outputs import _atomic, table, versions, write_json, write_npz
+from outputs import atomic_write, table, versions, write_json, write_npz
 from statistics_kn import neurons_per_layer, overlap_statistics
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class FactCache:
     def save(self, r: FactResult) -> None:
         buf = io.BytesIO()
         torch.save({k: getattr(r, k) for k in ("scores", "delta", "probs", "prompt_ids", "answer_ids")}, buf)
-        _atomic(self._path(r.fact), lambda f: f.write(buf.getvalue()))
+        atomic_write(self._path(r.fact), lambda f: f.write(buf.getvalue()))
 
 
 def find_knowledge_neurons(

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: Path, write) -> Path:
     """Write through a temporary file in the same folder, then rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,15 +47,15 @@ def _clean(value: Any) -> Any:
 
 def write_json(path: Path, data: dict) -> Path:
     text = json.dumps(_clean(data), indent=2, allow_nan=False) + "\n"
-    return _atomic(path, lambda f: f.write(text.encode()))
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_text(path: Path, text: str) -> Path:
-    return _atomic(path, lambda f: f.write(text.encode()))
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    return _atomic(path, lambda f: np.savez_compressed(f, **arrays))
+    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def versions() -> dict[str, str | None]:

@@ -8,18 +8,27 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from analysis import ModelResult, Options, find_knowledge_neurons, knowledge_json, knowledge_tables, write_knowledge
+from analysis import (
+    ModelResult,
+    Options,
+    find_knowledge_neurons,
+    knowledge_json,
+    knowledge_tables,
+    layer_profile,
+    write_knowledge,
+)
+from attention_neurons import gpt2_subject_attention, mamba_attention_analysis, plot_hidden_attention, plot_subject_flow
 from errors import UserError
 from facts import Fact
+from figures import plot_interventions, plot_jaccard_matrix, plot_layer_distribution
+from interventions import run_interventions
 from knowledge_neurons import KnowledgeNeurons
 from models import load_model
-from outputs import table, versions, write_json, write_text
+from outputs import versions, write_json, write_text
+from report import LABELS, attention_table, comprehensive_report, interventions_table
 from statistics_kn import bootstrap_ci, pair_table, permutation_test
 
 log = logging.getLogger(__name__)
-
-LABELS = {"gpt2": "GPT-2", "mamba": "Mamba"}
-
 
 def options_from(args: argparse.Namespace) -> Options:
     return Options(
@@ -56,8 +65,6 @@ def run_knowledge(args: argparse.Namespace, facts: Sequence[Fact], names: dict[s
 
 def _attention_figures(model, tokenizer, facts: Sequence[Fact], out: Path, n_layers: int) -> list[str]:
     """Channel-averaged hidden-attention maps of each fact's first prompt at four layers across the depth."""
-    from attention_neurons import plot_hidden_attention
-
     layers = sorted({round(k * (n_layers - 1) / 3) for k in range(4)})
     out.mkdir(parents=True, exist_ok=True)
     return [
@@ -72,8 +79,6 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
 
     Writes mamba_analysis.json and the figures under <out>/figures; returns the JSON document.
     """
-    from attention_neurons import gpt2_subject_attention, mamba_attention_analysis, plot_subject_flow
-
     result, kn = mamba
     out = Path(args.out)
     analysis = mamba_attention_analysis(kn.model, kn.tokenizer, facts, result.refined(), progress=not args.quiet)
@@ -102,24 +107,6 @@ def run_attention(args: argparse.Namespace, facts: Sequence[Fact], names: dict[s
     print(attention_table(doc))
 
 
-def attention_table(doc: dict) -> str:
-    """Per layer: where Mamba's knowledge neurons read from, next to GPT-2's attention from the answer position."""
-    by_layer = doc["hidden_attention"]["by_layer"]
-    gpt2 = doc["gpt2_attention"]["mean"]
-    rows = []
-    for layer in range(max(len(by_layer), len(gpt2["subject"]))):
-        flow = by_layer[layer]["flow"] if layer < len(by_layer) else {"n": None, "absolute": {}}
-        g = {k: v[layer] if layer < len(v) else None for k, v in gpt2.items()}
-        rows.append([layer, flow["n"], *(flow["absolute"].get(k) for k in ("subject", "last", "other")),
-                     g["subject"], g["last"], g["other"]])
-    headers = ["layer", "Mamba KN x prompts", "flow subject", "flow last", "flow other", "GPT-2 attn subject",
-               "attn last", "attn other"]
-    return (
-        "Token -> knowledge-neuron flow in Mamba (absolute shares) and GPT-2 attention from the answer position "
-        "(heads averaged)\n\n" + table(headers, rows)
-    )
-
-
 def relation_statistics(result: ModelResult, args: argparse.Namespace) -> dict:
     """Intra- vs inter-relation Jaccard: permutation test over relation labels and bootstrap CIs of both means."""
     sets, relations = result.neuron_sets(), result.relations()
@@ -135,10 +122,6 @@ def relation_statistics(result: ModelResult, args: argparse.Namespace) -> dict:
 
 
 def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
-    from figures import plot_interventions, plot_jaccard_matrix, plot_layer_distribution
-    from interventions import run_interventions
-    from report import comprehensive_report, interventions_table
-
     out = Path(args.out)
     done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
     attention = attention_stage(args, facts, names, done["mamba"])
@@ -173,7 +156,7 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
         "comparison": {
             "gpt2": {
                 "model": done["gpt2"][0].name,
-                "layer_distribution": knowledge_json(done["gpt2"][0], done["gpt2"][1].tokenizer)["layer_distribution"],
+                "layer_distribution": layer_profile(done["gpt2"][0]).tolist(),
                 "interventions": per_model["gpt2"]["interventions"],
                 "statistics": per_model["gpt2"]["statistics"],
                 "attention": attention["gpt2_attention"],

@@ -6,6 +6,8 @@ from analysis import ModelResult, knowledge_tables
 from figures import CONTROLS
 from outputs import table
 
+LABELS = {"gpt2": "GPT-2", "mamba": "Mamba"}
+
 
 def interventions_table(summaries: dict[str, dict]) -> str:
     """Mean relative change of P(answer) and flip rate, knowledge neurons vs controls, one column pair a model."""
@@ -20,6 +22,24 @@ def interventions_table(summaries: dict[str, dict]) -> str:
     return (
         "Interventions: mean relative change of P(answer) (dP/P) and top-1 flip rate, over facts with knowledge "
         "neurons\n\n" + table(headers, rows)
+    )
+
+
+def attention_table(doc: dict) -> str:
+    """Per layer: where Mamba's knowledge neurons read from, next to GPT-2's attention from the answer position."""
+    by_layer = doc["hidden_attention"]["by_layer"]
+    gpt2 = doc["gpt2_attention"]["mean"]
+    rows = []
+    for layer in range(max(len(by_layer), len(gpt2["subject"]))):
+        flow = by_layer[layer]["flow"] if layer < len(by_layer) else {"n": None, "absolute": {}}
+        g = {k: v[layer] if layer < len(v) else None for k, v in gpt2.items()}
+        rows.append([layer, flow["n"], *(flow["absolute"].get(k) for k in ("subject", "last", "other")),
+                     g["subject"], g["last"], g["other"]])
+    headers = ["layer", "Mamba KN x prompts", "flow subject", "flow last", "flow other", "GPT-2 attn subject",
+               "attn last", "attn other"]
+    return (
+        "Token -> knowledge-neuron flow in Mamba (absolute shares) and GPT-2 attention from the answer position "
+        "(heads averaged)\n\n" + table(headers, rows)
     )
 
 
@@ -49,8 +69,6 @@ def _stats_lines(label: str, stats: dict) -> list[str]:
 def comprehensive_report(doc: dict, results: dict[str, ModelResult], per_model: dict[str, dict],
                          attention: dict) -> str:
     """Markdown that a reviewer can read without running anything; figures are linked relative to it."""
-    from pipeline import LABELS, attention_table
-
     o = doc["options"]
     figs = doc["files"]["figures"]
     labels = {LABELS[a]: m for a, m in per_model.items()}
