@@ -15,6 +15,12 @@ from typing import Any
 import numpy as np
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> Path:
     """Write through a temporary file in the same folder, then rename: a reader never sees half a file."""
     path = Path(path)
@@ -23,6 +29,7 @@ def atomic_write(path: Path, write) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -90,9 +97,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
             return f"{v:.4g}"
         return str(v)
 
+    def justify(v: Any, text: str, width: int) -> str:
+        return text.ljust(width) if isinstance(v, str) else text.rjust(width)
+
     cells = [[fmt(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = "  ".join("-" * w for w in widths)
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), line]
-    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(out)
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    for row, texts in zip(rows, cells, strict=True):
+        out.append("  ".join(justify(v, c, w) for v, c, w in zip(row, texts, widths, strict=True)))
+    return "\n".join(line.rstrip() for line in out)
