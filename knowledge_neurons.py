@@ -132,6 +132,16 @@ class KnowledgeNeurons:
             raise UserError(f"prompt {prompt!r} tokenizes to nothing")
         return self.adapter.prefix(self._ids(prompt_ids)).acts
 
+    def get_coarse_neurons(self, prompt: str, answer: str, threshold: float = 0.2, **kwargs) -> list[Neuron]:
+        """Coarse neurons of one prompt: score >= threshold * max score. kwargs go to `attribute`."""
+        return coarse_neurons(self.attribute(prompt, answer, **kwargs), threshold)
+
+    def get_refined_neurons(
+        self, prompts: Sequence[str], answer: str, threshold: float = 0.2, share: float = 0.5, **kwargs
+    ) -> list[Neuron]:
+        """Refined neurons of a fact asked by several prompts (see `refined_neurons`). kwargs go to `attribute`."""
+        return refined_neurons([self.attribute(p, answer, **kwargs) for p in prompts], threshold, share)
+
     def attribute(
         self,
         prompt: str,

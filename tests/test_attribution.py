@@ -128,6 +128,16 @@ def test_coarse_and_refined_neurons():
     assert refined_neurons([s1], threshold=0.2, share=0.5) == []  # needs >= 2 prompts
 
 
+def test_neuron_methods_threshold_the_scores(tiny_mamba):
+    kn = KnowledgeNeurons(*tiny_mamba)
+    prompts = [PROMPT, "China's longest river is the", "The longest river of China is the"]
+    scores = [kn.attribute(p, ANSWER, steps=4) for p in prompts]
+    assert kn.get_coarse_neurons(PROMPT, ANSWER, threshold=0.3, steps=4) == coarse_neurons(scores[0], 0.3)
+    refined = kn.get_refined_neurons(prompts, ANSWER, threshold=0.3, share=0.6, steps=4)
+    assert refined == refined_neurons(scores, 0.3, 0.6)
+    assert refined  # the tiny model shares some neurons across these paraphrases
+
+
 def test_bad_inputs_are_user_errors(tiny_gpt2):
     kn = KnowledgeNeurons(*tiny_gpt2)
     with pytest.raises(UserError, match="empty prompt"):

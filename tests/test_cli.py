@@ -122,3 +122,16 @@ def test_comprehensive_mode(demo_models, tmp_path, capsys):
         if isinstance(name, str):
             assert (out / name).exists()
     assert "Interventions" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("baseline", [["--baseline", "mean"], ["--baseline", "reference", "--baseline-prompt", "The"]])
+def test_baseline_option_changes_scores_and_is_recorded(demo_models, tmp_path, baseline):
+    assert main(_demo_args(demo_models, tmp_path, "knowledge")) == 0
+    with np.load(tmp_path / "out" / "mamba_knowledge_neurons.npz") as npz:
+        zero = npz[f"{SUBSET[0].id}/scores"]
+    assert main(_demo_args(demo_models, tmp_path, "knowledge", *baseline)) == 0
+    doc = json.loads((tmp_path / "out" / "mamba_knowledge_neurons.json").read_text())
+    assert doc["options"]["baseline"] == baseline[1]
+    with np.load(tmp_path / "out" / "mamba_knowledge_neurons.npz") as npz:
+        other = npz[f"{SUBSET[0].id}/scores"]
+    assert not np.allclose(zero, other)
