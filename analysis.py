@@ -236,15 +236,18 @@ def knowledge_json(result: ModelResult, tokenizer, scores_file: str | None = Non
     }
 
 
-def write_knowledge(result: ModelResult, tokenizer, out_dir: Path, stem: str) -> dict:
-    """`<stem>.json` and `<stem>.npz` (per fact: scores (n_prompts, n_layers, width), deltas) in `out_dir`."""
+def write_knowledge(result: ModelResult, tokenizer, out_dir: Path, stem: str, extra: dict | None = None) -> dict:
+    """`<stem>.json` and `<stem>.npz` (per fact: scores (n_prompts, n_layers, width), deltas) in `out_dir`.
+
+    `extra` entries (e.g. the command-line arguments) are added to the JSON document.
+    """
     out_dir = Path(out_dir)
     arrays = {}
     for r in result.facts:
         arrays[f"{r.fact.id}/scores"] = r.scores.numpy()
         arrays[f"{r.fact.id}/completeness_delta"] = r.delta.numpy()
     write_npz(out_dir / f"{stem}.npz", arrays)
-    doc = knowledge_json(result, tokenizer, scores_file=f"{stem}.npz")
+    doc = {**knowledge_json(result, tokenizer, scores_file=f"{stem}.npz"), **(extra or {})}
     write_json(out_dir / f"{stem}.json", doc)
     return doc
 

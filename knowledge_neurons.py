@@ -142,18 +142,13 @@ class KnowledgeNeurons:
         """Refined neurons of a fact asked by several prompts (see `refined_neurons`). kwargs go to `attribute`."""
         return refined_neurons([self.attribute(p, answer, **kwargs) for p in prompts], threshold, share)
 
-    def attribute(
-        self,
-        prompt: str,
-        answer: str,
-        steps: int = 20,
-        method: str = "fast",
-        ig_method: str = "riemann_left",
-        batch_size: int | None = None,
-        baseline: Tensor | None = None,
-    ) -> Tensor:
-        """(n_layers, width) integrated-gradients scores of P(answer | prompt); see `attribute_detailed`."""
-        return self.attribute_detailed(prompt, answer, steps, method, ig_method, batch_size, baseline).scores
+    def attribute(self, prompt: str, answer: str, **options) -> Tensor:
+        """(n_layers, width) integrated-gradients scores of P(answer | prompt).
+
+        options (see `attribute_detailed`): steps=20, method="fast" | "reference", ig_method="riemann_left",
+        batch_size=None, baseline=None.
+        """
+        return self.attribute_detailed(prompt, answer, **options).scores
 
     def attribute_detailed(
         self,

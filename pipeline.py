@@ -30,6 +30,12 @@ from statistics_kn import bootstrap_ci, pair_table, permutation_test
 
 log = logging.getLogger(__name__)
 
+
+def arguments(args: argparse.Namespace) -> dict:
+    """The command-line options as given, stored in every output so each number traces back to them."""
+    return {k: v for k, v in vars(args).items() if k != "quiet"}
+
+
 def options_from(args: argparse.Namespace) -> Options:
     return Options(
         steps=args.steps, ig_method=args.ig_method, threshold=args.threshold, share=args.share,
@@ -52,7 +58,7 @@ def knowledge_stage(
         result = find_knowledge_neurons(
             kn, facts, options, names[arch], out / ".kn_cache", resume=not args.fresh, progress=not args.quiet
         )
-        write_knowledge(result, tokenizer, out, f"{arch}_knowledge_neurons")
+        write_knowledge(result, tokenizer, out, f"{arch}_knowledge_neurons", {"arguments": arguments(args)})
         log.info("wrote %s", out / f"{arch}_knowledge_neurons.json")
         done[arch] = (result, kn)
     return done
@@ -74,15 +80,17 @@ def _attention_figures(model, tokenizer, facts: Sequence[Fact], out: Path, n_lay
 
 
 def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str],
-                    mamba: tuple[ModelResult, KnowledgeNeurons]) -> dict:
+                    mamba: tuple[ModelResult, KnowledgeNeurons], gpt2_kn: KnowledgeNeurons | None = None) -> dict:
     """Hidden attention and token -> knowledge-neuron flow for Mamba, GPT-2 attention beside it.
 
-    Writes mamba_analysis.json and the figures under <out>/figures; returns the JSON document.
+    Writes mamba_analysis.json and the figures under <out>/figures; returns the JSON document. The GPT-2
+    model is loaded unless `gpt2_kn` already holds it.
     """
     result, kn = mamba
     out = Path(args.out)
     analysis = mamba_attention_analysis(kn.model, kn.tokenizer, facts, result.refined(), progress=not args.quiet)
-    gpt2_model, gpt2_tokenizer = load_model(names["gpt2"], args.device)
+    gpt2_model, gpt2_tokenizer = (gpt2_kn.model, gpt2_kn.tokenizer) if gpt2_kn else load_model(names["gpt2"],
+                                                                                             args.device)
     gpt2 = gpt2_subject_attention(gpt2_model, gpt2_tokenizer, facts)
     figures = _attention_figures(kn.model, kn.tokenizer, facts, out / "figures", kn.n_layers)
     figures.append(str(plot_subject_flow(analysis, out / "figures" / "subject_flow_by_layer.png", gpt2)))
@@ -90,6 +98,7 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
         "model": result.name,
         "gpt2_model": names["gpt2"],
         "options": dataclasses.asdict(result.options),
+        "arguments": arguments(args),
         "seed": result.options.seed,
         "versions": versions(),
         "hidden_attention": analysis,
@@ -124,7 +133,7 @@ def relation_statistics(result: ModelResult, args: argparse.Namespace) -> dict:
 def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
     out = Path(args.out)
     done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
-    attention = attention_stage(args, facts, names, done["mamba"])
+    attention = attention_stage(args, facts, names, done["mamba"], gpt2_kn=done["gpt2"][1])
     per_model = {}
     for arch, (result, kn) in done.items():
         per_model[arch] = {
@@ -146,6 +155,7 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
         "model": mamba_result.name,
         "options": {**dataclasses.asdict(mamba_result.options), "random_draws": args.random_draws,
                     "permutations": args.permutations, "bootstrap": args.bootstrap},
+        "arguments": arguments(args),
         "seed": args.seed,
         "versions": versions(),
         "knowledge_neurons": knowledge_json(mamba_result, done["mamba"][1].tokenizer,

@@ -156,3 +156,16 @@ def test_unsupported_architecture_is_a_user_error():
     )
     with pytest.raises(UserError, match="gpt_neox"):
         KnowledgeNeurons(GPTNeoXForCausalLM(cfg), tokenizer=None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_gives_the_cpu_numbers(tiny_model):
+    model, tok = tiny_model
+    cpu = KnowledgeNeurons(model, tok).attribute_detailed(PROMPT, ANSWER, steps=8)
+    try:
+        gpu = KnowledgeNeurons(model.cuda(), tok).attribute_detailed(PROMPT, ANSWER, steps=8)
+        ref = KnowledgeNeurons(model, tok).attribute_detailed(PROMPT, ANSWER, steps=8, method="reference")
+    finally:
+        model.cpu()
+    assert rel_diff(gpu.scores, cpu.scores) <= 1e-4
+    assert rel_diff(ref.scores, cpu.scores) <= 1e-4

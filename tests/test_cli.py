@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from facts import FACTS, relations
 from main import main
@@ -51,6 +52,12 @@ def test_unreachable_model_gives_one_line_error(tmp_path, capsys):
     assert err.count("\n") == 1 and "no-such-org/no-such-model" in err and "--demo" in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_without_gpu_is_a_user_error(demo_models, tmp_path, capsys):
+    assert main(_demo_args(demo_models, tmp_path, "knowledge", "--device", "cuda")) == 1
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
 def test_bad_facts_file_names_the_line(tmp_path, capsys):
     bad = tmp_path / "facts.jsonl"
     bad.write_text('{"id": "a", "relation": "r", "subject": "X", "answer": "Y", "prompts": ["X is"]}\n{oops\n')
@@ -73,6 +80,7 @@ def test_knowledge_mode_writes_results_and_resumes(demo_models, tmp_path, caplog
     for arch in ("gpt2", "mamba"):
         doc = json.loads((out / f"{arch}_knowledge_neurons.json").read_text())
         assert doc["architecture"] == arch and doc["options"]["steps"] == 8
+        assert doc["arguments"]["mode"] == "knowledge" and doc["arguments"]["facts"].endswith("facts.jsonl")
         assert [f["id"] for f in doc["facts"]] == [f.id for f in SUBSET]
         assert doc["versions"]["torch"] and doc["seed"] == 0
         fact = doc["facts"][0]
