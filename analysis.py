@@ -11,6 +11,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -84,12 +85,14 @@ class ModelResult:
     options: Options
     facts: list[FactResult]
 
+    @cached_property
     def refined(self) -> dict[str, list[Neuron]]:
+        """Fact id -> refined neurons (layer, index, mean score), thresholded with the result's options."""
         o = self.options
         return {r.fact.id: refined_neurons(list(r.scores), o.threshold, o.share) for r in self.facts}
 
     def neuron_sets(self) -> dict[str, frozenset[tuple[int, int]]]:
-        return {fid: frozenset((lay, i) for lay, i, _ in ns) for fid, ns in self.refined().items()}
+        return {fid: frozenset((lay, i) for lay, i, _ in ns) for fid, ns in self.refined.items()}
 
     def relations(self) -> dict[str, str]:
         return {r.fact.id: r.fact.relation for r in self.facts}
@@ -190,7 +193,7 @@ def _neurons(ns: Sequence[Neuron]) -> list[list]:
 def knowledge_json(result: ModelResult, tokenizer, scores_file: str | None = None) -> dict:
     """The JSON document of `python main.py knowledge` for one model."""
     o = result.options
-    refined = result.refined()
+    refined = result.refined
     sets = result.neuron_sets()
     facts = []
     for r in result.facts:
@@ -265,7 +268,7 @@ def knowledge_tables(results: dict[str, ModelResult]) -> str:
     """Console tables: refined neurons per fact, knowledge neurons per layer, and the models side by side."""
     labels = list(results)
     first = results[labels[0]]
-    refined = {lab: res.refined() for lab, res in results.items()}
+    refined = {lab: res.refined for lab, res in results.items()}
     per_fact = [
         [r.fact.id, r.fact.relation]
         + [x for lab in labels for x in (len(refined[lab][r.fact.id]), _mean_p(results[lab].facts[k]))]
@@ -296,8 +299,8 @@ def _overlap(res: ModelResult, split: str, what: str) -> float | None:
 _COMPARISON = [
     ("layers", lambda r: r.n_layers),
     ("neurons per layer", lambda r: r.width),
-    ("mean refined KN per fact", lambda r: float(np.mean([len(v) for v in r.refined().values()]))),
-    ("facts with >= 1 KN", lambda r: sum(bool(v) for v in r.refined().values())),
+    ("mean refined KN per fact", lambda r: float(np.mean([len(v) for v in r.refined.values()]))),
+    ("facts with >= 1 KN", lambda r: sum(bool(v) for v in r.refined.values())),
     ("peak layer (fraction of depth)", lambda r: float(np.argmax(layer_profile(r)) / max(1, r.n_layers - 1))),
     ("intra-relation Jaccard", lambda r: _overlap(r, "intra", "jaccard")),
     ("inter-relation Jaccard", lambda r: _overlap(r, "inter", "jaccard")),

@@ -88,7 +88,7 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
     """
     result, kn = mamba
     out = Path(args.out)
-    analysis = mamba_attention_analysis(kn.model, kn.tokenizer, facts, result.refined(), progress=not args.quiet)
+    analysis = mamba_attention_analysis(kn.model, kn.tokenizer, facts, result.refined, progress=not args.quiet)
     gpt2_model, gpt2_tokenizer = (gpt2_kn.model, gpt2_kn.tokenizer) if gpt2_kn else load_model(names["gpt2"],
                                                                                              args.device)
     gpt2 = gpt2_subject_attention(gpt2_model, gpt2_tokenizer, facts)
@@ -137,7 +137,7 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
     per_model = {}
     for arch, (result, kn) in done.items():
         per_model[arch] = {
-            "interventions": run_interventions(kn, facts, result.refined(), args.random_draws, args.seed,
+            "interventions": run_interventions(kn, facts, result.refined, args.random_draws, args.seed,
                                                progress=not args.quiet),
             "statistics": relation_statistics(result, args),
         }

@@ -19,7 +19,7 @@ def demo_run(request, demo_models):
     model, tokenizer = load_model(str(demo_models[request.param]))
     kn = KnowledgeNeurons(model, tokenizer)
     result = find_knowledge_neurons(kn, FACTS, Options(steps=10), request.param, progress=False)
-    return request.param, kn, result.refined()
+    return request.param, kn, result.refined
 
 
 def test_knowledge_neurons_matter_more_than_controls(demo_run):
