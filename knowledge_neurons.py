@@ -110,7 +110,8 @@ class KnowledgeNeurons:
     """
 
     def __init__(self, model, tokenizer):
-        self.model = model
+        # eval mode: dropout off, and transformers' CUDA Mamba kernels fuse out_proj (the neurons) in training mode
+        self.model = model.eval()
         self.tokenizer = tokenizer
         self.adapter: Adapter = adapter_for(model)
 

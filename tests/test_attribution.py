@@ -138,6 +138,16 @@ def test_neuron_methods_threshold_the_scores(tiny_mamba):
     assert refined  # the tiny model shares some neurons across these paraphrases
 
 
+def test_model_in_training_mode_is_switched_to_eval(tiny_gpt2):
+    model, tok = tiny_gpt2
+    assert model.config.resid_pdrop > 0  # dropout would make the scores random
+    expected = KnowledgeNeurons(model, tok).attribute(PROMPT, "Paris", steps=4)
+    model.train()
+    kn = KnowledgeNeurons(model, tok)
+    assert not model.training
+    assert torch.equal(kn.attribute(PROMPT, "Paris", steps=4), expected)
+
+
 def test_bad_inputs_are_user_errors(tiny_gpt2):
     kn = KnowledgeNeurons(*tiny_gpt2)
     with pytest.raises(UserError, match="empty prompt"):
