@@ -181,7 +181,7 @@ class KnowledgeNeurons:
             probs.append(p)
         scores, delta = torch.stack(scores).mean(0), torch.stack(delta).mean(0)
         if not (torch.isfinite(scores).all() and torch.isfinite(delta).all()):
-            raise UserError(f"{name or prompt!r}: attribution scores are not finite (model weights or dtype?)")
+            raise UserError(f"{name or repr(prompt)}: attribution scores are not finite (model weights or dtype?)")
         return Attribution(scores, delta, torch.stack(probs), prompt_ids, answer_ids)
 
     # --- the two ways of computing the path gradients ------------------------------------------------------

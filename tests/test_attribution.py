@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from captum.attr import IntegratedGradients
@@ -156,6 +158,15 @@ def test_bad_inputs_are_user_errors(tiny_gpt2):
         kn.attribute(PROMPT, "")
     with pytest.raises(UserError, match="unknown attribution method"):
         kn.attribute(PROMPT, "Paris", method="slow")
+
+
+def test_non_finite_scores_name_the_fact(tiny_gpt2):
+    model, tok = tiny_gpt2
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.transformer.h[1].mlp.c_proj.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="fact capital_x: attribution scores are not finite"):
+        KnowledgeNeurons(broken, tok).attribute_detailed(PROMPT, "Paris", steps=2, name="fact capital_x")
 
 
 def test_unsupported_architecture_is_a_user_error():
