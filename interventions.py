@@ -23,6 +23,17 @@ from knowledge_neurons import KnowledgeNeurons, Neuron
 from tokens import encode
 
 FACTORS = {"suppress": 0.0, "amplify": 2.0}
+DEFINITION = {
+    "edit": "the fact's refined neurons (or a control set) multiplied by the factor at every position that "
+    "predicts an answer token",
+    "p_answer": "product over answer tokens of P(token | prompt + earlier answer tokens) (teacher forcing)",
+    "relative_change_mean": "mean over prompts of (P_edited - P_clean) / P_clean, then over facts in the summary",
+    "flip_rate": "share of prompts whose top-1 prediction changes at some answer position",
+    "random_neurons": "as many neurons per layer as the fact has, drawn uniformly from the other neurons of "
+    "that layer; several seeded draws",
+    "same_relation_facts / other_relation_facts": "the fact's neurons suppressed on the prompts of the other "
+    "facts of its relation / of other relations",
+}
 
 
 @dataclass
@@ -157,7 +168,7 @@ def summarise(facts, refined, effects) -> dict:
         row["suppress"]["same_relation_facts"] = _stats(same)
         row["suppress"]["other_relation_facts"] = _stats(other)
         per_fact.append(row)
-    return {"factors": FACTORS, "per_fact": per_fact, "summary": _summary(per_fact)}
+    return {"factors": FACTORS, "definition": DEFINITION, "per_fact": per_fact, "summary": _summary(per_fact)}
 
 
 def _summary(per_fact: list[dict]) -> dict:
