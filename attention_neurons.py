@@ -30,13 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from errors import UserError
 from facts import Fact
+from figures import new_figure, save
 from knowledge_neurons import Neuron
 from models import GPT2Adapter, MambaAdapter, SSMInputs, adapter_for
 from tokens import encode, subject_positions
@@ -342,12 +341,6 @@ def _labels(tokenizer, ids: Sequence[int]) -> list[str]:
     return [text.strip() or repr(text) for text in texts]
 
 
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def plot_hidden_attention(model: nn.Module, tokenizer, prompt: str, layers: Sequence[int], path: str | Path) -> Path:
     """Channel-averaged |alpha| maps of a few Mamba layers side by side; returns the PNG's path."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -355,7 +348,7 @@ def plot_hidden_attention(model: nn.Module, tokenizer, prompt: str, layers: Sequ
         raise UserError("a hidden-attention plot needs a non-empty prompt and at least one layer")
     T, labels = len(ids), _labels(tokenizer, ids)
     side = max(4.0, 0.32 * T + 2.0)
-    fig = _figure(side * len(layers) + 1.0, side)
+    fig = new_figure(side * len(layers) + 1.0, side)
     above = np.triu(np.ones((T, T), dtype=bool), k=1)
     for ax, layer in zip(fig.subplots(1, len(layers), squeeze=False)[0], layers, strict=True):
         amap = hidden_attention(model, torch.tensor(ids), layer).abs().mean(0)  # (T, T)
@@ -367,8 +360,7 @@ def plot_hidden_attention(model: nn.Module, tokenizer, prompt: str, layers: Sequ
         ax.set_title(f"layer {layer}")
         fig.colorbar(image, ax=ax, shrink=0.8, label="mean |α[i, j]| over channels (unitless)")
     fig.suptitle(f"Mamba hidden attention (Ali et al. 2024): {prompt!r}")
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return save(fig, path)
 
 
 def _nan(values: Iterable[float | None]) -> list[float]:
@@ -378,7 +370,7 @@ def _nan(values: Iterable[float | None]) -> list[float]:
 def plot_subject_flow(analysis: dict, path: str | Path, gpt2: dict | None = None) -> Path:
     """Subject / last / other share of Mamba knowledge-neuron activations by layer (|contribution| shares), beside
     GPT-2's attention mass from the answer position when `gpt2` (from `gpt2_subject_attention`) is given."""
-    fig = _figure(6.5 * (2 if gpt2 else 1), 4.5)
+    fig = new_figure(6.5 * (2 if gpt2 else 1), 4.5)
     axes = fig.subplots(1, 2 if gpt2 else 1, squeeze=False)[0]
     by_layer = analysis["by_layer"]
     layers = [e["layer"] for e in by_layer]
@@ -405,5 +397,4 @@ def plot_subject_flow(analysis: dict, path: str | Path, gpt2: dict | None = None
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.title.set_fontsize(10)
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return save(fig, path)

@@ -1,30 +1,40 @@
-"""Figures of the knowledge-neuron results (matplotlib, headless). Every function returns the written path."""
+"""Figures of the knowledge-neuron results. Every function returns the written path.
+
+Figures are drawn on matplotlib's Agg canvas directly, never through pyplot, so importing this module in a
+notebook leaves the notebook's own backend alone.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from analysis import ModelResult, layer_profile
 from statistics_kn import jaccard
 
 
-def _save(fig, path: Path) -> Path:
+def new_figure(width: float, height: float) -> Figure:
+    """A headless figure of width x height inches."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    """Write a figure as PNG (creating its folder) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(path, dpi=110)
     return path
 
 
 def plot_layer_distribution(results: dict[str, ModelResult], path: Path) -> Path:
     """Knowledge neurons per layer, one panel per model."""
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.6), squeeze=False)
+    fig = new_figure(5.5 * len(results), 3.6)
+    axes = fig.subplots(1, len(results), squeeze=False)
     for ax, (label, res) in zip(axes[0], results.items(), strict=True):
         counts = layer_profile(res)
         ax.bar(np.arange(res.n_layers), counts, color="tab:blue")
@@ -32,7 +42,7 @@ def plot_layer_distribution(results: dict[str, ModelResult], path: Path) -> Path
         ax.set_xlabel("layer")
         ax.set_ylabel("knowledge neurons (count, summed over facts)")
         ax.set_xticks(np.arange(0, res.n_layers, max(1, res.n_layers // 12)))
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_jaccard_matrix(result: ModelResult, label: str, path: Path) -> Path:
@@ -46,7 +56,8 @@ def plot_jaccard_matrix(result: ModelResult, label: str, path: Path) -> Path:
         for j in range(n):
             value = jaccard(sets[ids[i]], sets[ids[j]])
             matrix[i, j] = np.nan if value is None else value
-    fig, ax = plt.subplots(figsize=(0.28 * n + 3.5, 0.28 * n + 2.5))
+    fig = new_figure(0.28 * n + 3.5, 0.28 * n + 2.5)
+    ax = fig.subplots()
     im = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(n), ids, rotation=90, fontsize=7)
     ax.set_yticks(range(n), ids, fontsize=7)
@@ -59,7 +70,7 @@ def plot_jaccard_matrix(result: ModelResult, label: str, path: Path) -> Path:
     ax.set_ylabel("fact (grouped by relation)")
     ax.set_title(f"{label}: Jaccard similarity of refined knowledge neurons\n(blank: both sets empty)")
     fig.colorbar(im, ax=ax, label="Jaccard similarity (0-1)", shrink=0.8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 CONTROLS = [
@@ -74,7 +85,8 @@ CONTROLS = [
 
 def plot_interventions(summaries: dict[str, dict], path: Path) -> Path:
     """Mean relative change of P(answer) for knowledge neurons vs controls, per model."""
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig = new_figure(9, 4)
+    ax = fig.subplots()
     width = 0.8 / len(summaries)
     x = np.arange(len(CONTROLS))
     for k, (label, summary) in enumerate(summaries.items()):
@@ -87,4 +99,4 @@ def plot_interventions(summaries: dict[str, dict], path: Path) -> Path:
     ax.set_xlabel("intervention (own fact unless stated)")
     ax.set_title("Suppressing / amplifying knowledge neurons vs random neurons from the same layers")
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path)

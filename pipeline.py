@@ -72,7 +72,6 @@ def run_knowledge(args: argparse.Namespace, facts: Sequence[Fact], names: dict[s
 def _attention_figures(model, tokenizer, facts: Sequence[Fact], out: Path, n_layers: int) -> list[str]:
     """Channel-averaged hidden-attention maps of each fact's first prompt at four layers across the depth."""
     layers = sorted({round(k * (n_layers - 1) / 3) for k in range(4)})
-    out.mkdir(parents=True, exist_ok=True)
     return [
         str(plot_hidden_attention(model, tokenizer, f.prompts[0], layers, out / f"hidden_attention_{f.id}.png"))
         for f in facts
