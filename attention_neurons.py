@@ -58,12 +58,13 @@ def _mamba(model: nn.Module) -> MambaAdapter:
     return adapter
 
 
-def _ssm_inputs(adapter: MambaAdapter, input_ids: Tensor, layer: int) -> SSMInputs:
-    """The SSM inputs of `layer` for a prompt (T,), from the real model's block input."""
-    if not 0 <= layer < adapter.n_layers:
-        raise UserError(f"layer {layer} does not exist: the model has layers 0..{adapter.n_layers - 1}")
+def _ssm_inputs(adapter: MambaAdapter, input_ids: Tensor, layers: Sequence[int]) -> list[SSMInputs]:
+    """The SSM inputs of some layers for a prompt (T,), from one forward pass of the real model."""
+    bad = [layer for layer in layers if not 0 <= layer < adapter.n_layers]
+    if bad:
+        raise UserError(f"layers {bad} do not exist: the model has layers 0..{adapter.n_layers - 1}")
     inputs, _, _ = adapter.block_io(torch.as_tensor(input_ids))
-    return adapter.ssm_inputs(layer, inputs[layer])
+    return [adapter.ssm_inputs(layer, inputs[layer]) for layer in layers]
 
 
 def segsum(x: Tensor) -> Tensor:
@@ -100,8 +101,13 @@ def hidden_attention(model: nn.Module, input_ids: Tensor, layer: int, chunk: int
     """
     adapter = _mamba(model)
     with torch.no_grad():
-        s = _ssm_inputs(adapter, input_ids, layer)
-        return torch.cat([_alpha(s, slice(c, c + chunk)) for c in range(0, adapter.width, chunk)])
+        (s,) = _ssm_inputs(adapter, input_ids, [layer])
+        return _alpha_all(s, chunk)
+
+
+def _alpha_all(s: SSMInputs, chunk: int = CHUNK) -> Tensor:
+    """(d_inner, T, T) hidden attention of every channel, `chunk` channels at a time."""
+    return torch.cat([_alpha(s, slice(c, c + chunk)) for c in range(0, s.u.shape[1], chunk)])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,7 +132,8 @@ def token_flow(model: nn.Module, input_ids: Tensor, layer: int, neurons: Sequenc
     if bad:
         raise UserError(f"neuron indices {bad} are outside 0..{adapter.width - 1}")
     with torch.no_grad():
-        return _flow(_ssm_inputs(adapter, input_ids, layer), neurons)
+        (s,) = _ssm_inputs(adapter, input_ids, [layer])
+        return _flow(s, neurons)
 
 
 def _group_masks(T: int, subject_pos: Sequence[int]) -> Tensor:
@@ -350,8 +357,11 @@ def plot_hidden_attention(model: nn.Module, tokenizer, prompt: str, layers: Sequ
     side = max(4.0, 0.32 * T + 2.0)
     fig = new_figure(side * len(layers) + 1.0, side)
     above = np.triu(np.ones((T, T), dtype=bool), k=1)
-    for ax, layer in zip(fig.subplots(1, len(layers), squeeze=False)[0], layers, strict=True):
-        amap = hidden_attention(model, torch.tensor(ids), layer).abs().mean(0)  # (T, T)
+    with torch.no_grad():
+        ssm = _ssm_inputs(_mamba(model), torch.tensor(ids), layers)
+    for ax, layer, s in zip(fig.subplots(1, len(layers), squeeze=False)[0], layers, ssm, strict=True):
+        with torch.no_grad():
+            amap = _alpha_all(s).abs().mean(0)  # (T, T) channel-averaged |alpha|
         image = ax.imshow(np.ma.masked_array(amap.double().cpu().numpy(), above), cmap="viridis")
         ax.set_xticks(range(T), labels, rotation=90, fontsize=8)
         ax.set_yticks(range(T), labels, fontsize=8)
