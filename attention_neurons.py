@@ -38,7 +38,7 @@ from facts import Fact
 from figures import new_figure, save
 from knowledge_neurons import Neuron
 from models import GPT2Adapter, MambaAdapter, SSMInputs, adapter_for
-from tokens import encode, subject_positions
+from tokens import encode, encode_prompt, subject_positions
 
 log = logging.getLogger(__name__)
 
@@ -350,9 +350,9 @@ def _labels(tokenizer, ids: Sequence[int]) -> list[str]:
 
 def plot_hidden_attention(model: nn.Module, tokenizer, prompt: str, layers: Sequence[int], path: str | Path) -> Path:
     """Channel-averaged |alpha| maps of a few Mamba layers side by side; returns the PNG's path."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if not ids or not layers:
-        raise UserError("a hidden-attention plot needs a non-empty prompt and at least one layer")
+    ids = encode_prompt(tokenizer, prompt)
+    if not layers:
+        raise UserError("a hidden-attention plot needs at least one layer")
     T, labels = len(ids), _labels(tokenizer, ids)
     side = max(4.0, 0.32 * T + 2.0)
     fig = new_figure(side * len(layers) + 1.0, side)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from errors import UserError
 from models import Adapter, Prefix, adapter_for
-from tokens import encode, teacher_forced
+from tokens import encode, encode_prompt, teacher_forced
 
 IG_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 Neuron = tuple[int, int, float]  # (layer, neuron index, score)
@@ -128,10 +128,7 @@ class KnowledgeNeurons:
 
     def activations(self, prompt: str) -> Tensor:
         """(n_layers, width) neuron activations at the prompt's last position (e.g. for a baseline)."""
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if not prompt_ids:
-            raise UserError(f"prompt {prompt!r} tokenizes to nothing")
-        return self.adapter.prefix(self._ids(prompt_ids)).acts
+        return self.adapter.prefix(self._ids(encode_prompt(self.tokenizer, prompt))).acts
 
     def get_coarse_neurons(self, prompt: str, answer: str, threshold: float = 0.2, **kwargs) -> list[Neuron]:
         """Coarse neurons of one prompt: score >= threshold * max score. kwargs go to `attribute`."""

@@ -17,18 +17,24 @@ def continuation(prompt: str, answer: str) -> str:
     return answer
 
 
-def encode(tokenizer, prompt: str, answer: str, name: str = "") -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids); an empty prompt or an answer without tokens is an error naming `name`."""
+def encode_prompt(tokenizer, prompt: str, name: str = "") -> list[int]:
+    """The prompt's ids; an empty prompt, or one without tokens, is an error naming `name`."""
     where = f"{name}: " if name else ""
     if not prompt.strip():
         raise UserError(f"{where}empty prompt")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(continuation(prompt, answer), add_special_tokens=False)["input_ids"]
     if not prompt_ids:
         raise UserError(f"{where}prompt {prompt!r} tokenizes to nothing")
+    return list(prompt_ids)
+
+
+def encode(tokenizer, prompt: str, answer: str, name: str = "") -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids); an empty prompt or an answer without tokens is an error naming `name`."""
+    prompt_ids = encode_prompt(tokenizer, prompt, name)
+    answer_ids = tokenizer(continuation(prompt, answer), add_special_tokens=False)["input_ids"]
     if not answer_ids:
-        raise UserError(f"{where}answer {answer!r} tokenizes to nothing")
-    return list(prompt_ids), list(answer_ids)
+        raise UserError(f"{name + ': ' if name else ''}answer {answer!r} tokenizes to nothing")
+    return prompt_ids, list(answer_ids)
 
 
 def teacher_forced(prompt_ids: list[int], answer_ids: list[int]) -> list[tuple[list[int], int]]:
