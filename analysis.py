@@ -80,6 +80,7 @@ class FactResult:
 class ModelResult:
     name: str
     architecture: str
+    neuron_site: str  # which module's input the neurons are (from the adapter)
     n_layers: int
     width: int
     options: Options
@@ -96,6 +97,16 @@ class ModelResult:
 
     def relations(self) -> dict[str, str]:
         return {r.fact.id: r.fact.relation for r in self.facts}
+
+    @cached_property
+    def overlap(self) -> dict:
+        """Intra- vs inter-relation overlap of the refined neuron sets (see `statistics_kn.overlap_statistics`)."""
+        return overlap_statistics(self.neuron_sets(), self.relations(), self.n_layers)
+
+    @cached_property
+    def layer_distribution(self) -> list[int]:
+        """Knowledge neurons per layer, summed over facts."""
+        return neurons_per_layer(self.neuron_sets(), self.n_layers)
 
 
 def model_fingerprint(model) -> str:
@@ -183,7 +194,7 @@ def find_knowledge_neurons(
     if reused:
         log.info("%s: reused %d of %d facts from %s", model_name, reused, len(facts), cache.folder)
     arch = kn.model.config.model_type
-    return ModelResult(model_name, arch, kn.n_layers, kn.width, options, results)
+    return ModelResult(model_name, arch, kn.adapter.neuron_site, kn.n_layers, kn.width, options, results)
 
 
 def _neurons(ns: Sequence[Neuron]) -> list[list]:
@@ -194,7 +205,6 @@ def knowledge_json(result: ModelResult, tokenizer, scores_file: str | None = Non
     """The JSON document of `python main.py knowledge` for one model."""
     o = result.options
     refined = result.refined
-    sets = result.neuron_sets()
     facts = []
     for r in result.facts:
         prompts = []
@@ -224,8 +234,7 @@ def knowledge_json(result: ModelResult, tokenizer, scores_file: str | None = Non
         "architecture": result.architecture,
         "n_layers": result.n_layers,
         "neurons_per_layer": result.width,
-        "neuron_site": {"gpt2": "transformer.h[l].mlp.c_proj input (after GELU)",
-                        "mamba": "backbone.layers[l].mixer.out_proj input (y * silu(z))"}[result.architecture],
+        "neuron_site": result.neuron_site,
         "options": dataclasses.asdict(o),
         "seed": o.seed,
         "versions": versions(),
@@ -233,8 +242,8 @@ def knowledge_json(result: ModelResult, tokenizer, scores_file: str | None = Non
         "P = softmax probability over the full vocabulary at the position predicting the token",
         "neuron_format": "[layer, neuron index, score]",
         "facts": facts,
-        "layer_distribution": neurons_per_layer(sets, result.n_layers),
-        "overlap": overlap_statistics(sets, result.relations(), result.n_layers),
+        "layer_distribution": result.layer_distribution,
+        "overlap": result.overlap,
         "scores_file": scores_file,
     }
 
@@ -255,11 +264,6 @@ def write_knowledge(result: ModelResult, tokenizer, out_dir: Path, stem: str, ex
     return doc
 
 
-def layer_profile(result: ModelResult) -> np.ndarray:
-    """(n_layers,) knowledge neurons per layer, summed over facts."""
-    return np.array(neurons_per_layer(result.neuron_sets(), result.n_layers))
-
-
 def _mean_p(r: FactResult) -> float:
     return float(np.mean([float(p.prod()) for p in r.probs]))
 
@@ -275,7 +279,7 @@ def knowledge_tables(results: dict[str, ModelResult]) -> str:
         for k, r in enumerate(first.facts)
     ]
     fact_headers = ["fact", "relation"] + [h for lab in labels for h in (f"{lab} KN", f"{lab} P(ans)")]
-    profiles = {lab: layer_profile(res) for lab, res in results.items()}
+    profiles = {lab: res.layer_distribution for lab, res in results.items()}
     depth = max(len(p) for p in profiles.values())
     per_layer = [
         [layer] + [int(p[layer]) if layer < len(p) else None for p in profiles.values()] for layer in range(depth)
@@ -292,8 +296,7 @@ def knowledge_tables(results: dict[str, ModelResult]) -> str:
 
 
 def _overlap(res: ModelResult, split: str, what: str) -> float | None:
-    stats = overlap_statistics(res.neuron_sets(), res.relations(), res.n_layers)
-    return stats["all_layers"][split][what]["mean"]
+    return res.overlap["all_layers"][split][what]["mean"]
 
 
 _COMPARISON = [
@@ -301,7 +304,7 @@ _COMPARISON = [
     ("neurons per layer", lambda r: r.width),
     ("mean refined KN per fact", lambda r: float(np.mean([len(v) for v in r.refined.values()]))),
     ("facts with >= 1 KN", lambda r: sum(bool(v) for v in r.refined.values())),
-    ("peak layer (fraction of depth)", lambda r: float(np.argmax(layer_profile(r)) / max(1, r.n_layers - 1))),
+    ("peak layer (fraction of depth)", lambda r: float(np.argmax(r.layer_distribution) / max(1, r.n_layers - 1))),
     ("intra-relation Jaccard", lambda r: _overlap(r, "intra", "jaccard")),
     ("inter-relation Jaccard", lambda r: _overlap(r, "inter", "jaccard")),
     ("intra-relation intersection", lambda r: _overlap(r, "intra", "intersection")),

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from analysis import ModelResult, layer_profile
+from analysis import ModelResult
 from statistics_kn import jaccard
 
 
@@ -36,8 +36,7 @@ def plot_layer_distribution(results: dict[str, ModelResult], path: Path) -> Path
     fig = new_figure(5.5 * len(results), 3.6)
     axes = fig.subplots(1, len(results), squeeze=False)
     for ax, (label, res) in zip(axes[0], results.items(), strict=True):
-        counts = layer_profile(res)
-        ax.bar(np.arange(res.n_layers), counts, color="tab:blue")
+        ax.bar(np.arange(res.n_layers), res.layer_distribution, color="tab:blue")
         ax.set_title(f"{label}: knowledge neurons per layer\n({Path(res.name).name}, {len(res.facts)} facts)")
         ax.set_xlabel("layer")
         ax.set_ylabel("knowledge neurons (count, summed over facts)")

@@ -117,6 +117,8 @@ class Prefix:
 class Adapter:
     """What method code may ask of a model. Subclasses implement the block internals of one architecture."""
 
+    neuron_site: str  # the module whose input holds the neurons, for the output files
+
     def __init__(self, model: nn.Module):
         self.model = model
         self.layers: nn.ModuleList = self._layers()
@@ -235,6 +237,8 @@ class KV:
 
 
 class GPT2Adapter(Adapter):
+    neuron_site = "transformer.h[l].mlp.c_proj input (after GELU)"
+
     def __init__(self, model: nn.Module):
         cfg = model.config
         if getattr(cfg, "add_cross_attention", False):
@@ -305,7 +309,8 @@ class GPT2Adapter(Adapter):
 class SSMInputs:
     """The selective SSM's inputs along a sequence of T positions (one layer), as in Gu & Dao 2023.
 
-    u:  (T, d_inner) SSM input x: SiLU of the causal depthwise conv of the in_proj half
+    xs: (T, d_inner) the in_proj half that enters the causal depthwise conv (what the conv window keeps)
+    u:  (T, d_inner) SSM input x: SiLU of the causal depthwise conv of xs
     z:  (T, d_inner) gate (the other in_proj half); the neurons are y * silu(z)
     dt: (T, d_inner) step size Delta = softplus(dt_proj(.) + bias)
     B:  (T, d_state) input matrix;  C: (T, d_state) output matrix
@@ -313,6 +318,7 @@ class SSMInputs:
     Discretisation (zero-order hold as in the reference code): Abar_t = exp(Delta_t A), Bbar_t = Delta_t B_t.
     """
 
+    xs: Tensor
     u: Tensor
     z: Tensor
     dt: Tensor
@@ -334,6 +340,8 @@ class ConvSSMState:
 
 
 class MambaAdapter(Adapter):
+    neuron_site = "backbone.layers[l].mixer.out_proj input (y * silu(z))"
+
     def _layers(self) -> nn.ModuleList:
         return self.model.backbone.layers
 
@@ -361,18 +369,18 @@ class MambaAdapter(Adapter):
         conv = F.conv1d(xs.T[None], mixer.conv1d.weight, mixer.conv1d.bias, padding=k - 1, groups=xs.shape[1])
         u = F.silu(conv[0, :, :T].T)
         dt, B, C = self._split(mixer, u)
-        return SSMInputs(u, z, dt, B, C, -torch.exp(mixer.A_log), mixer.D)
+        return SSMInputs(xs, u, z, dt, B, C, -torch.exp(mixer.A_log), mixer.D)
 
     def layer_state(self, layer: int, x: Tensor) -> ConvSSMState:
         mixer = self.layers[layer].mixer
-        d_inner, k = mixer.intermediate_size, mixer.conv_kernel_size
-        xs = mixer.in_proj(self.layers[layer].norm(x))[:, :d_inner]  # (T-1, d_inner) pre-conv inputs
-        window = torch.cat([xs.new_zeros(max(0, k - 1 - xs.shape[0]), d_inner), xs[-(k - 1) :]]).T
-        ssm = xs.new_zeros(d_inner, mixer.ssm_state_size)
-        if x.shape[0] > 0:
-            s = self.ssm_inputs(layer, x)
-            for t in range(x.shape[0]):  # h_t = Abar_t h_{t-1} + Bbar_t u_t
-                ssm = torch.exp(s.dt[t, :, None] * s.A) * ssm + s.dt[t, :, None] * s.B[t] * s.u[t, :, None]
+        k = mixer.conv_kernel_size
+        if not len(x):  # a one-token prompt: nothing before the last position
+            return ConvSSMState(x.new_zeros(mixer.intermediate_size, k - 1), x.new_zeros(mixer.A_log.shape))
+        s = self.ssm_inputs(layer, x)  # (T-1, ...) the positions before the last
+        window = torch.cat([s.xs.new_zeros(max(0, k - 1 - len(x)), s.xs.shape[1]), s.xs[-(k - 1) :]]).T
+        ssm = s.xs.new_zeros(s.A.shape)
+        for t in range(len(x)):  # h_t = Abar_t h_{t-1} + Bbar_t u_t
+            ssm = torch.exp(s.dt[t, :, None] * s.A) * ssm + s.dt[t, :, None] * s.B[t] * s.u[t, :, None]
         return ConvSSMState(window, ssm)
 
     def pre_neurons(self, layer: int, h: Tensor, state: ConvSSMState) -> tuple[Tensor, Tensor]:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from analysis import (
     ModelResult,
     Options,
     find_knowledge_neurons,
-    knowledge_json,
     knowledge_tables,
-    layer_profile,
     write_knowledge,
 )
 from attention_neurons import gpt2_subject_attention, mamba_attention_analysis, plot_hidden_attention, plot_subject_flow
@@ -26,7 +24,7 @@ from knowledge_neurons import KnowledgeNeurons
 from models import load_model
 from outputs import versions, write_json, write_text
 from report import LABELS, attention_table, comprehensive_report, interventions_table
-from statistics_kn import bootstrap_ci, pair_table, permutation_test
+from statistics_kn import bootstrap_ci, permutation_test
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +41,18 @@ def options_from(args: argparse.Namespace) -> Options:
     )
 
 
+@dataclass
+class Analysed:
+    """One model after the knowledge stage: its result, the engine holding the model, the written JSON."""
+
+    result: ModelResult
+    kn: KnowledgeNeurons
+    doc: dict
+
+
 def knowledge_stage(
     args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str], archs: Sequence[str]
-) -> dict[str, tuple[ModelResult, KnowledgeNeurons]]:
+) -> dict[str, Analysed]:
     """Knowledge neurons of each architecture's model; writes <arch>_knowledge_neurons.json/.npz to --out."""
     options = options_from(args)
     out = Path(args.out)
@@ -58,15 +65,15 @@ def knowledge_stage(
         result = find_knowledge_neurons(
             kn, facts, options, names[arch], out / ".kn_cache", resume=not args.fresh, progress=not args.quiet
         )
-        write_knowledge(result, tokenizer, out, f"{arch}_knowledge_neurons", {"arguments": arguments(args)})
+        doc = write_knowledge(result, tokenizer, out, f"{arch}_knowledge_neurons", {"arguments": arguments(args)})
         log.info("wrote %s", out / f"{arch}_knowledge_neurons.json")
-        done[arch] = (result, kn)
+        done[arch] = Analysed(result, kn, doc)
     return done
 
 
 def run_knowledge(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
     done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
-    print(knowledge_tables({LABELS[a]: r for a, (r, _) in done.items()}))
+    print(knowledge_tables({LABELS[a]: d.result for a, d in done.items()}))
 
 
 def _attention_figures(model, tokenizer, facts: Sequence[Fact], out: Path, n_layers: int) -> list[str]:
@@ -79,13 +86,13 @@ def _attention_figures(model, tokenizer, facts: Sequence[Fact], out: Path, n_lay
 
 
 def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str],
-                    mamba: tuple[ModelResult, KnowledgeNeurons], gpt2_kn: KnowledgeNeurons | None = None) -> dict:
+                    mamba: Analysed, gpt2_kn: KnowledgeNeurons | None = None) -> dict:
     """Hidden attention and token -> knowledge-neuron flow for Mamba, GPT-2 attention beside it.
 
     Writes mamba_analysis.json and the figures under <out>/figures; returns the JSON document. The GPT-2
     model is loaded unless `gpt2_kn` already holds it.
     """
-    result, kn = mamba
+    result, kn = mamba.result, mamba.kn
     out = Path(args.out)
     analysis = mamba_attention_analysis(kn.model, kn.tokenizer, facts, result.refined, progress=not args.quiet)
     gpt2_model, gpt2_tokenizer = (gpt2_kn.model, gpt2_kn.tokenizer) if gpt2_kn else load_model(names["gpt2"],
@@ -96,7 +103,7 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
     doc = {
         "model": result.name,
         "gpt2_model": names["gpt2"],
-        "options": dataclasses.asdict(result.options),
+        "options": asdict(result.options),
         "arguments": arguments(args),
         "seed": result.options.seed,
         "versions": versions(),
@@ -117,10 +124,9 @@ def run_attention(args: argparse.Namespace, facts: Sequence[Fact], names: dict[s
 
 def relation_statistics(result: ModelResult, args: argparse.Namespace) -> dict:
     """Intra- vs inter-relation Jaccard: permutation test over relation labels and bootstrap CIs of both means."""
-    sets, relations = result.neuron_sets(), result.relations()
-    pairs = pair_table(sets, relations, result.n_layers)
+    pairs = result.overlap["pairs"]
     return {
-        "permutation_test": permutation_test(sets, relations, args.permutations, args.seed),
+        "permutation_test": permutation_test(result.neuron_sets(), result.relations(), args.permutations, args.seed),
         "bootstrap": {
             split: bootstrap_ci([p["jaccard"] for p in pairs if p["same_relation"] == same], args.bootstrap,
                                 args.seed)
@@ -132,40 +138,38 @@ def relation_statistics(result: ModelResult, args: argparse.Namespace) -> dict:
 def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
     out = Path(args.out)
     done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
-    attention = attention_stage(args, facts, names, done["mamba"], gpt2_kn=done["gpt2"][1])
+    attention = attention_stage(args, facts, names, done["mamba"], gpt2_kn=done["gpt2"].kn)
     per_model = {}
-    for arch, (result, kn) in done.items():
+    for arch, d in done.items():
         per_model[arch] = {
-            "interventions": run_interventions(kn, facts, result.refined, args.random_draws, args.seed,
+            "interventions": run_interventions(d.kn, facts, d.result.refined, args.random_draws, args.seed,
                                                progress=not args.quiet),
-            "statistics": relation_statistics(result, args),
+            "statistics": relation_statistics(d.result, args),
         }
-    results = {LABELS[a]: r for a, (r, _) in done.items()}
+    results = {LABELS[a]: d.result for a, d in done.items()}
+    summaries = {LABELS[a]: m["interventions"]["summary"] for a, m in per_model.items()}
     figures = {
         "layer_distribution": plot_layer_distribution(results, out / "figures" / "knowledge_neurons_per_layer.png"),
-        "interventions": plot_interventions(
-            {LABELS[a]: m["interventions"]["summary"] for a, m in per_model.items()},
-            out / "figures" / "interventions.png"),
-        **{f"jaccard_{arch}": plot_jaccard_matrix(r, LABELS[arch], out / "figures" / f"jaccard_{arch}.png")
-           for arch, (r, _) in done.items()},
+        "interventions": plot_interventions(summaries, out / "figures" / "interventions.png"),
+        **{f"jaccard_{arch}": plot_jaccard_matrix(d.result, LABELS[arch], out / "figures" / f"jaccard_{arch}.png")
+           for arch, d in done.items()},
     }
-    mamba_result, _ = done["mamba"]
+    mamba_result = done["mamba"].result
     doc = {
         "model": mamba_result.name,
-        "options": {**dataclasses.asdict(mamba_result.options), "random_draws": args.random_draws,
+        "options": {**asdict(mamba_result.options), "random_draws": args.random_draws,
                     "permutations": args.permutations, "bootstrap": args.bootstrap},
         "arguments": arguments(args),
         "seed": args.seed,
         "versions": versions(),
-        "knowledge_neurons": knowledge_json(mamba_result, done["mamba"][1].tokenizer,
-                                            scores_file="mamba_knowledge_neurons.npz"),
+        "knowledge_neurons": done["mamba"].doc,
         "hidden_attention": attention["hidden_attention"],
         "interventions": per_model["mamba"]["interventions"],
         "statistics": per_model["mamba"]["statistics"],
         "comparison": {
             "gpt2": {
-                "model": done["gpt2"][0].name,
-                "layer_distribution": layer_profile(done["gpt2"][0]).tolist(),
+                "model": done["gpt2"].result.name,
+                "layer_distribution": done["gpt2"].result.layer_distribution,
                 "interventions": per_model["gpt2"]["interventions"],
                 "statistics": per_model["gpt2"]["statistics"],
                 "attention": attention["gpt2_attention"],
@@ -183,5 +187,5 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
     write_text(out / "report.md", comprehensive_report(doc, results, per_model, attention))
     print(knowledge_tables(results))
     print()
-    print(interventions_table({LABELS[a]: m["interventions"]["summary"] for a, m in per_model.items()}))
+    print(interventions_table(summaries))
     log.info("wrote %s and %s", out / "mamba_comprehensive_analysis.json", out / "report.md")

@@ -32,6 +32,16 @@ def test_fast_equals_reference(tiny_model, ig_method):
     assert torch.allclose(fast.probs, ref.probs, rtol=1e-5)
 
 
+def test_one_token_prompt(tiny_model):
+    """No position before the answer position: the prefix state is empty (zeros)."""
+    kn = KnowledgeNeurons(*tiny_model)
+    prompt = kn.tokenizer.decode(kn.tokenizer("The")["input_ids"][:1])
+    assert len(kn.tokenizer(prompt)["input_ids"]) == 1
+    fast = kn.attribute(prompt, "Paris", steps=4)
+    ref = kn.attribute(prompt, "Paris", steps=4, method="reference")
+    assert rel_diff(fast, ref) <= 1e-5
+
+
 def test_fast_equals_reference_float64_and_chunked(tiny_model):
     model, tok = tiny_model
     kn = KnowledgeNeurons(model.double(), tok)
