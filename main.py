@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from analysis import BASELINES, Options
 from errors import UserError
+from knowledge_neurons import IG_METHODS
 
 log = logging.getLogger("knowledge_neurons")
 
@@ -52,21 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", metavar="DIR", default=".", help="output folder (default: current directory)")
     m.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto = cuda when available)")
     a = p.add_argument_group("integrated gradients and knowledge neurons")
-    a.add_argument("--steps", type=int, default=20, help="integration steps m (default: 20, as Dai et al.)")
-    a.add_argument("--ig-method", default="riemann_left",
-                   help="quadrature: riemann_left (default, Dai et al.), riemann_right, riemann_middle, "
-                   "riemann_trapezoid, gausslegendre")
-    a.add_argument("--baseline", default="zero", help="IG baseline: zero (default, Dai et al.), mean (mean "
-                   "activation over the fact prompts), reference (activation of --baseline-prompt; Chen et al. 2024)")
+    a.add_argument("--steps", type=int, default=Options.steps,
+                   help="integration steps m (default: %(default)s, as Dai et al.)")
+    a.add_argument("--ig-method", default=Options.ig_method, choices=IG_METHODS,
+                   help="quadrature rule (default: %(default)s, as Dai et al.)")
+    a.add_argument("--baseline", default=Options.baseline, choices=BASELINES,
+                   help="IG baseline: zero (Dai et al.), mean (mean activation over the fact prompts), reference "
+                   "(activation of --baseline-prompt; Chen et al. 2024) (default: %(default)s)")
     a.add_argument("--baseline-prompt", metavar="TEXT", help="the reference prompt for --baseline reference")
-    a.add_argument("--threshold", type=float, default=0.2,
-                   help="coarse neurons: score >= THRESHOLD x the prompt's largest score (default: 0.2)")
-    a.add_argument("--share", type=float, default=0.5,
-                   help="refined neurons: coarse in >= SHARE of a fact's prompts, and in >= 2 (default: 0.5)")
+    a.add_argument("--threshold", type=float, default=Options.threshold,
+                   help="coarse neurons: score >= THRESHOLD x the prompt's largest score (default: %(default)s)")
+    a.add_argument("--share", type=float, default=Options.share,
+                   help="refined neurons: coarse in >= SHARE of a fact's prompts, and in >= 2 (default: %(default)s)")
     a.add_argument("--batch-size", type=int, help="(layer, step) rows per pass; lower it if memory runs out "
                    "(default: all rows of a prompt at once)")
     s = p.add_argument_group("controls and statistics")
-    s.add_argument("--seed", type=int, default=0, help="seed for random controls, permutations, bootstrap (default: 0)")
+    s.add_argument("--seed", type=int, default=Options.seed,
+                   help="seed for random controls, permutations, bootstrap (default: %(default)s)")
     s.add_argument("--random-draws", type=int, default=5,
                    help="random-neuron control sets per fact (default: 5)")
     s.add_argument("--permutations", type=int, default=1000, help="permutation-test relabellings (default: 1000)")
