@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from facts import FACTS, relations
-from main import main
+from main import build_parser, main, model_names
 
 # two relations x two facts keep the end-to-end runs short
 SUBSET = [f for facts in list(relations(FACTS).values())[:2] for f in facts[:2]]
@@ -143,3 +143,29 @@ def test_baseline_option_changes_scores_and_is_recorded(demo_models, tmp_path, b
     with np.load(tmp_path / "out" / "mamba_knowledge_neurons.npz") as npz:
         other = npz[f"{SUBSET[0].id}/scores"]
     assert not np.allclose(zero, other)
+
+
+def test_fresh_recomputes_instead_of_resuming(demo_models, tmp_path, caplog):
+    args = _demo_args(demo_models, tmp_path, "knowledge")
+    assert main(args) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main([*args, "--fresh"]) == 0
+    assert "reused" not in caplog.text
+
+
+def test_explicit_model_overrides_the_demo_model(demo_models):
+    cache = demo_models["gpt2"].parent
+    args = build_parser().parse_args(["--demo", "--demo-cache", str(cache), "--gpt2-model", "my/gpt2", "-q"])
+    names = model_names(args, FACTS)
+    assert names == {"gpt2": "my/gpt2", "mamba": str(demo_models["mamba"])}
+
+
+def test_interrupt_says_how_to_resume(monkeypatch, tmp_path, capsys):
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("main.run", interrupted)
+    assert main(["knowledge", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert str(tmp_path / ".kn_cache") in err and "resume" in err
