@@ -32,9 +32,13 @@ import tokenizers
 import torch
 import torch.nn.functional as F
 import transformers
+from tokenizers import ByteLevelBPETokenizer
+from tqdm.auto import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
 
 from errors import UserError
 from facts import FACTS, Fact, facts_hash
+from models import load_model
 from tokens import continuation, encode
 
 log = logging.getLogger(__name__)
@@ -130,9 +134,6 @@ def _texts(facts: Sequence[Fact]) -> list[str]:
 
 def build_tokenizer(facts: Sequence[Fact], settings: dict[str, Any] | None = None):
     """A byte-level BPE (GPT-2 style, no prefix space) trained on the facts' text, as a fast HF tokenizer."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
     cfg = (DEMO_SETTINGS if settings is None else settings)["tokenizer"]
     bpe = ByteLevelBPETokenizer(add_prefix_space=cfg["add_prefix_space"])
     bpe.train_from_iterator(_texts(facts), vocab_size=cfg["vocab_size"], min_frequency=cfg["min_frequency"],
@@ -172,8 +173,6 @@ def _batch(tokenizer, facts: Sequence[Fact], answer_weight: float, context_weigh
 
 
 def _new_model(arch: str, vocab_size: int, eos_id: int, cfg: dict[str, Any]):
-    from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
-
     if arch == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_positions=cfg["n_positions"], n_layer=cfg["n_layer"],
                             n_embd=cfg["n_embd"], n_head=cfg["n_head"], n_inner=cfg["n_inner"],
@@ -209,8 +208,6 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 
 def _train(arch: str, facts: Sequence[Fact], progress: bool = True, settings: dict[str, Any] | None = None):
     """Train the demo model of `arch` on `facts` (CPU, deterministic). Returns (model, tokenizer, seconds)."""
-    from tqdm.auto import tqdm
-
     settings = DEMO_SETTINGS if settings is None else settings
     cfg = settings[arch]
     tokenizer = build_tokenizer(facts, settings)
@@ -270,8 +267,6 @@ def _complete(folder: Path) -> bool:
 
 def _build(arch: str, facts: Sequence[Fact], folder: Path, progress: bool) -> None:
     """Train, check and save the demo model of `arch` into `folder` (atomically)."""
-    from models import load_model
-
     log.info("building the demo %s model for %d facts (one-off, cached in %s)", arch, len(facts), folder.parent)
     model, tokenizer, seconds = _train(arch, facts, progress=progress)
     with _threads(TRAIN_THREADS):

@@ -16,6 +16,7 @@ import torch
 
 from analysis import BASELINES, Options
 from errors import UserError
+from facts import FACTS, Fact, load_facts
 from knowledge_neurons import IG_METHODS
 
 log = logging.getLogger("knowledge_neurons")
@@ -93,9 +94,7 @@ def model_names(args: argparse.Namespace, facts) -> dict[str, str]:
     return names
 
 
-def load_facts_option(args: argparse.Namespace):
-    from facts import FACTS, load_facts
-
+def load_facts_option(args: argparse.Namespace) -> list[Fact]:
     return load_facts(args.facts) if args.facts else list(FACTS)
 
 
