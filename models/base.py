@@ -1,0 +1,143 @@
+"""The adapter interface: what method code may ask of a model, whatever its architecture.
+
+Integrated gradients only ever scales the neurons at the last position, so an adapter exposes exactly what
+that needs: the clean prompt's per-layer prefix state, and a single-token `step` through one block for a batch
+of rows that share it. Prefix states are computed from the modules' own weights (not through `transformers`'
+cache classes, whose API changes between releases) and checked against the model's own forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Prefix:
+    """The clean prompt as seen from its last position (T = prompt length).
+
+    states: per-layer state that `step` needs from positions < T-1 (architecture-specific).
+    resid:  (n_layers, d_model) residual stream that layer l's output projection is added to, at position T-1.
+    acts:   (n_layers, width) neuron activations at position T-1.
+    logits: (vocab,) the model's next-token logits at position T-1.
+    """
+
+    states: list[Any]
+    resid: Tensor
+    acts: Tensor
+    logits: Tensor
+
+
+class Adapter:
+    """What method code may ask of a model. Subclasses implement the block internals of one architecture."""
+
+    neuron_site: str  # the module whose input holds the neurons, for the output files
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers: nn.ModuleList = self._layers()
+        self.n_layers = len(self.layers)
+        self.width = self._width()
+
+    # --- architecture-specific -----------------------------------------------------------------------------
+    def _layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def _width(self) -> int:
+        raise NotImplementedError
+
+    def neuron_module(self, layer: int) -> nn.Module:
+        """The output projection whose input holds the neurons of `layer`."""
+        raise NotImplementedError
+
+    def layer_state(self, layer: int, x: Tensor) -> Any:
+        """State for `pre_neurons` from the block inputs x (T-1, d_model) of the positions before the last."""
+        raise NotImplementedError
+
+    def pre_neurons(self, layer: int, h: Tensor, state: Any) -> tuple[Tensor, Tensor]:
+        """Run the last token through block `layer` up to its neurons, for a batch of rows.
+
+        h: (rows, d_model) block input at position T-1. Returns (resid (rows, d_model), acts (rows, width)):
+        the block output is resid + project(layer, acts).
+        """
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    # --- shared --------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def project(self, layer: int, acts: Tensor) -> Tensor:
+        """(rows, width) neurons -> (rows, d_model) contribution to the residual stream."""
+        return self.neuron_module(layer)(acts)
+
+    def step(self, layer: int, h: Tensor, state: Any) -> Tensor:
+        """(rows, d_model) block input at the last position -> (rows, d_model) block output."""
+        resid, acts = self.pre_neurons(layer, h, state)
+        return resid + self.project(layer, acts)
+
+    def head(self, h: Tensor) -> Tensor:
+        """(rows, d_model) last block output -> (rows, vocab) logits."""
+        return self.model.get_output_embeddings()(self.final_norm()(h))
+
+    def block_io(self, input_ids: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+        """One clean forward of the real model. input_ids: (T,).
+
+        Returns (the input of every block, the output of the last block), each (T, d_model), and the logits
+        (T, vocab).
+        """
+        inputs: list[Tensor] = []
+        outputs: list[Tensor] = []
+
+        def grab(module, args, kwargs, output):
+            inputs.append((args[0] if args else kwargs["hidden_states"])[0].detach())
+            outputs.append((output[0] if isinstance(output, tuple) else output)[0].detach())
+
+        handles = [layer.register_forward_hook(grab, with_kwargs=True) for layer in self.layers]
+        try:
+            with torch.no_grad():
+                logits = self.model(input_ids[None].to(self.device), use_cache=False).logits[0]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return inputs, outputs[-1], logits
+
+    def prefix(self, input_ids: Tensor) -> Prefix:
+        """Per-layer prefix state, last-position residuals and activations of a clean prompt (T,).
+
+        The last position is recomputed with `step` from the real model's block inputs; a mismatch with the
+        real forward means this adapter does not cover the model's configuration, and is an error.
+        """
+        inputs, last_out, logits = self.block_io(input_ids)
+        states, resid, acts = [], [], []
+        with torch.no_grad():
+            for layer, x in enumerate(inputs):
+                state = self.layer_state(layer, x[:-1])
+                r, a = self.pre_neurons(layer, x[-1:], state)
+                states.append(state)
+                resid.append(r[0])
+                acts.append(a[0])
+                expected = inputs[layer + 1][-1] if layer + 1 < self.n_layers else last_out[-1]
+                self._check(layer, r[0] + self.project(layer, a[0]), expected)
+        return Prefix(states, torch.stack(resid), torch.stack(acts), logits[-1])
+
+    def _check(self, layer: int, ours: Tensor, theirs: Tensor) -> None:
+        tol = (1e-6 if self.dtype == torch.float64 else 1e-4) * (1.0 + theirs.abs().max().item())
+        err = (ours - theirs).abs().max().item()
+        if err > tol:
+            raise RuntimeError(
+                f"{type(self).__name__}: layer {layer} recomputed from the weights differs from the model's "
+                f"forward by {err:.3g} (> {tol:.3g}); this model configuration is not supported by the adapter"
+            )
+
+

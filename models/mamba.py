@@ -1,0 +1,131 @@
+"""Mamba (Gu & Dao 2023): the neurons of layer l are the input of `backbone.layers[l].mixer.out_proj`, i.e.
+the gated SSM output y * silu(z), width d_inner (1536 for mamba-130m)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.base import Adapter
+
+
+@dataclass
+class SSMInputs:
+    """The selective SSM's inputs along a sequence of T positions (one layer), as in Gu & Dao 2023.
+
+    xs: (T, d_inner) the in_proj half that enters the causal depthwise conv (what the conv window keeps)
+    u:  (T, d_inner) SSM input x: SiLU of the causal depthwise conv of xs
+    z:  (T, d_inner) gate (the other in_proj half); the neurons are y * silu(z)
+    dt: (T, d_inner) step size Delta = softplus(dt_proj(.) + bias)
+    B:  (T, d_state) input matrix;  C: (T, d_state) output matrix
+    A:  (d_inner, d_state) = -exp(A_log), negative;  D: (d_inner,) skip connection
+    Discretisation (zero-order hold as in the reference code): Abar_t = exp(Delta_t A), Bbar_t = Delta_t B_t.
+    """
+
+    xs: Tensor
+    u: Tensor
+    z: Tensor
+    dt: Tensor
+    B: Tensor
+    C: Tensor
+    A: Tensor
+    D: Tensor
+
+
+@dataclass
+class ConvSSMState:
+    """Mamba state after position T-2.
+
+    conv: (d_inner, d_conv - 1) the last pre-conv inputs (zeros before the start); ssm: (d_inner, d_state).
+    """
+
+    conv: Tensor
+    ssm: Tensor
+
+
+class MambaAdapter(Adapter):
+    neuron_site = "backbone.layers[l].mixer.out_proj input (y * silu(z))"
+
+    def _layers(self) -> nn.ModuleList:
+        return self.model.backbone.layers
+
+    def _width(self) -> int:
+        return self.model.config.intermediate_size
+
+    def neuron_module(self, layer: int) -> nn.Module:
+        return self.layers[layer].mixer.out_proj
+
+    def final_norm(self) -> nn.Module:
+        return self.model.backbone.norm_f
+
+    def _split(self, mixer: nn.Module, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """u: (n, d_inner) -> Delta (n, d_inner), B (n, d_state), C (n, d_state)."""
+        rank, n = mixer.time_step_rank, mixer.ssm_state_size
+        dt_low, B, C = mixer.x_proj(u).split([rank, n, n], dim=-1)
+        return F.softplus(mixer.dt_proj(dt_low)), B, C
+
+    def ssm_inputs(self, layer: int, x: Tensor) -> SSMInputs:
+        """x: (T, d_model) block inputs of a whole sequence -> the SSM inputs of every position."""
+        block = self.layers[layer]
+        mixer = block.mixer
+        xs, z = mixer.in_proj(block.norm(x)).chunk(2, dim=-1)  # (T, d_inner) each
+        T, k = xs.shape[0], mixer.conv_kernel_size
+        conv = F.conv1d(xs.T[None], mixer.conv1d.weight, mixer.conv1d.bias, padding=k - 1, groups=xs.shape[1])
+        u = F.silu(conv[0, :, :T].T)
+        dt, B, C = self._split(mixer, u)
+        return SSMInputs(xs, u, z, dt, B, C, -torch.exp(mixer.A_log), mixer.D)
+
+    def layer_state(self, layer: int, x: Tensor) -> ConvSSMState:
+        mixer = self.layers[layer].mixer
+        k = mixer.conv_kernel_size
+        if not len(x):  # a one-token prompt: nothing before the last position
+            return ConvSSMState(x.new_zeros(mixer.intermediate_size, k - 1), x.new_zeros(mixer.A_log.shape))
+        s = self.ssm_inputs(layer, x)  # (T-1, ...) the positions before the last
+        window = torch.cat([s.xs.new_zeros(max(0, k - 1 - len(x)), s.xs.shape[1]), s.xs[-(k - 1) :]]).T
+        ssm = s.xs.new_zeros(s.A.shape)
+        for t in range(len(x)):  # h_t = Abar_t h_{t-1} + Bbar_t u_t
+            ssm = torch.exp(s.dt[t, :, None] * s.A) * ssm + s.dt[t, :, None] * s.B[t] * s.u[t, :, None]
+        return ConvSSMState(window, ssm)
+
+    def pre_neurons(self, layer: int, h: Tensor, state: ConvSSMState) -> tuple[Tensor, Tensor]:
+        block = self.layers[layer]
+        mixer = block.mixer
+        xs, z = mixer.in_proj(block.norm(h)).chunk(2, dim=-1)  # (rows, d_inner)
+        window = torch.cat([state.conv.expand(len(h), -1, -1), xs[..., None]], dim=-1)  # (rows, d_inner, d_conv)
+        u = (window * mixer.conv1d.weight[:, 0]).sum(-1)
+        u = F.silu(u + mixer.conv1d.bias if mixer.conv1d.bias is not None else u)
+        dt, B, C = self._split(mixer, u)
+        # y = C . (Abar h + Bbar u) + D u, without the new state: its input part is Delta u (B . C) per channel
+        y = _DecayedReadout.apply(dt, C, -torch.exp(mixer.A_log), state.ssm)
+        y = y + dt * u * (B * C).sum(-1, keepdim=True) + mixer.D * u  # (rows, d_inner)
+        return h, y * F.silu(z)
+
+
+class _DecayedReadout(torch.autograd.Function):
+    """y[r, d] = sum_n C[r, n] exp(Delta[r, d] A[d, n]) h[d, n]: the previous state's part of one SSM step.
+
+    Delta (rows, d_inner), C (rows, d_state), A and h (d_inner, d_state) -> (rows, d_inner). Fused so that a
+    single (rows, d_inner, d_state) tensor is built and kept for the backward pass: these elementwise passes,
+    not the matrix products, dominate a Mamba step for hundreds of rows. Gradients flow to Delta and C only
+    (A is a weight, h a state of the clean prompt).
+    """
+
+    @staticmethod
+    def forward(ctx, dt: Tensor, C: Tensor, A: Tensor, h: Tensor) -> Tensor:
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            raise RuntimeError("_DecayedReadout gives no gradient for A or the prefix state")
+        decayed = torch.mul(dt[:, :, None], A).exp_().mul_(h)  # (rows, d_inner, d_state)
+        ctx.save_for_backward(C, A, decayed)
+        return torch.bmm(decayed, C[:, :, None])[..., 0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        C, A, decayed = ctx.saved_tensors
+        grad_C = torch.bmm(grad[:, None, :], decayed)[:, 0]  # (rows, d_state)
+        grad_dt = grad * torch.bmm(decayed * A, C[:, :, None])[..., 0]  # (rows, d_inner)
+        return grad_dt, grad_C, None, None
+
+
