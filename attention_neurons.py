@@ -1,21 +1,28 @@
-"""Where do knowledge neurons read from? Hidden attention of Mamba, token flow, and GPT-2's attention to the subject.
+"""Where do knowledge neurons read from? Hidden attention of Mamba-family models (Mamba, Falcon-Mamba, Mamba-2),
+token flow, and GPT-2's attention to the subject.
 
 Hidden attention (Ali, Zimerman & Wolf 2024, "The Hidden Attention of Mamba Models", arXiv 2403.01590): with
-the SSM inputs of one layer (see `models.SSMInputs`: input x = u, step Delta, B, C, A, D), the selective scan
+the scan inputs of one layer in the common form of `models.ssm` (input x = u, step Delta per decay unit u, B and
+C per group g, A, D; a unit is one channel of Mamba and Falcon-Mamba, one head of Mamba-2), the selective scan
 
     h_t = Abar_t h_{t-1} + Bbar_t x_t,   y_t = C_t h_t + D x_t,   Abar_t = exp(Delta_t A),  Bbar_t = Delta_t B_t
 
-unrolls, channel by channel, into a causal attention-like sum y_i = sum_{j<=i} alpha_{i,j} x_j + D x_i with
+unrolls, channel c by channel, into a causal attention-like sum y_i[c] = sum_{j<=i} alpha_{i,j}[u] x_j[c] + D[u] x_i[c]
+with u the unit of channel c, g the group of u and
 
-    alpha_{i,j}[d] = sum_n C_i[n] exp(sum_{k=j+1..i} Delta_k[d] A[d,n]) Delta_j[d] B_j[n].
+    alpha_{i,j}[u] = sum_n C_i[g,n] exp(sum_{k=j+1..i} Delta_k[u] A[u,n]) Delta_j[u] B_j[g,n].
 
-The decay exponent is a segment sum (as Mamba-2's `segsum`): each entry is summed from its own terms, never a
-difference of cumulative sums and never a ratio of products, so long prompts with strong decay stay exact.
+Mamba-2's A is one number per head, so its alpha is exp(sum Delta A) (C_i . B_j) Delta_j, shared by the head's
+head_dim channels: (n_heads, T, T) against Mamba's (d_inner, T, T). The decay exponent is a segment sum (as
+Mamba-2's `segsum`): each entry is summed from its own terms, never a difference of cumulative sums and never a
+ratio of products, so long prompts with strong decay stay exact.
 
-Token flow: the neurons of a Mamba layer are a = y * silu(z) (the input of `out_proj`), so the activation of
-channel d at the last position T-1 splits exactly over input tokens j:
+Token flow: the neurons of a layer (the input of `out_proj`) are a = y * g with g the adapter's
+`neuron_factor`: silu(z) for Mamba; for Mamba-2 the gated RMSNorm's weight * silu(z) / rms(y * silu(z)), whose
+rms is one number per position and channel group. With the clean g of the last position T-1, the activation of
+channel c splits exactly over input tokens j:
 
-    a_{T-1}[d] = sum_j alpha_{T-1,j}[d] x_j[d] silu(z_{T-1}[d])  +  D[d] x_{T-1}[d] silu(z_{T-1}[d])
+    a_{T-1}[c] = sum_j alpha_{T-1,j}[u] x_j[c] g_{T-1}[c]  +  D[u] x_{T-1}[c] g_{T-1}[c]
 
 (the skip term is credited to the last token). Shares of that sum go to the subject tokens, the last token and
 the other tokens. GPT-2's real attention weights from the last position give the transformer side.
@@ -29,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -37,33 +43,44 @@ from errors import UserError
 from facts import Fact
 from figures import new_figure, save
 from knowledge_neurons import Neuron
-from models import GPT2Adapter, MambaAdapter, SSMInputs, adapter_for
+from models import GPT2Adapter, SSMAdapter, SSMInputs, adapter_for
 from tokens import encode, encode_prompt, subject_positions
 
 log = logging.getLogger(__name__)
 
 GROUPS = ("subject", "last", "other")
-CHUNK = 256  # channels per hidden-attention chunk: memory chunk * T^2 * d_state
+CHUNK = 256  # decay units per hidden-attention chunk: memory chunk * T^2 * d_state
 
 
 # ----------------------------------------------------------------------------------------------------------
 # hidden attention
 
 
-def _mamba(model: nn.Module) -> MambaAdapter:
+def _mamba(model: nn.Module) -> SSMAdapter:
+    """The adapter of a Mamba-family (state-space) model; any other model is a user error."""
     adapter = adapter_for(model)
-    if not isinstance(adapter, MambaAdapter):
+    if not isinstance(adapter, SSMAdapter):
         kind = model.config.model_type
-        raise UserError(f"hidden attention is defined for Mamba models only, not for a '{kind}' model")
+        raise UserError(f"hidden attention is defined for Mamba-family models only, not for a '{kind}' model")
     return adapter
 
 
-def _ssm_inputs(adapter: MambaAdapter, input_ids: Tensor, layers: Sequence[int]) -> list[SSMInputs]:
-    """The SSM inputs of some layers for a prompt (T,), from one forward pass of the real model."""
+def _token_ids(input_ids: Tensor | Sequence[int]) -> Tensor:
+    """One prompt's token ids (T,) from (T,) or (1, T), as a tokenizer returns them."""
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 2 and len(ids) == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or not len(ids):
+        raise UserError(f"input_ids must be one prompt of shape (T,) or (1, T), T >= 1; got {tuple(ids.shape)}")
+    return ids
+
+
+def _ssm_inputs(adapter: SSMAdapter, input_ids: Tensor, layers: Sequence[int]) -> list[SSMInputs]:
+    """The scan inputs of some layers for a prompt (T,) or (1, T), from one forward pass of the real model."""
     bad = [layer for layer in layers if not 0 <= layer < adapter.n_layers]
     if bad:
         raise UserError(f"layers {bad} do not exist: the model has layers 0..{adapter.n_layers - 1}")
-    inputs, _, _ = adapter.block_io(torch.as_tensor(input_ids))
+    inputs, _, _ = adapter.block_io(_token_ids(input_ids))
     return [adapter.ssm_inputs(layer, inputs[layer]) for layer in layers]
 
 
@@ -76,28 +93,45 @@ def segsum(x: Tensor) -> Tensor:
     return sums.masked_fill_(below.T, -torch.inf)
 
 
-def _alpha(s: SSMInputs, channels: slice | Tensor) -> Tensor:
-    """Hidden attention of some channels: (c, T, T), zero above the diagonal."""
-    dt = s.dt[:, channels]  # (T, c)
-    decay = segsum((dt[..., None] * s.A[channels]).permute(1, 2, 0)).exp_()  # (c, d_state, T, T)
-    CB = torch.einsum("in,jn->nij", s.C, s.B)  # (d_state, T, T) C_i[n] B_j[n]
-    return (decay * CB).sum(1) * dt.T[:, None, :]
+def _group(s: SSMInputs, units: slice | Tensor) -> Tensor:
+    """(c,) the B / C group of some decay units (units are split evenly over the groups, in order)."""
+    H, G = s.dt.shape[1], s.B.shape[1]
+    return (torch.arange(H, device=s.dt.device) // (H // G))[units]
 
 
-def _alpha_last(s: SSMInputs, channels: slice | Tensor) -> Tensor:
-    """The last row alpha_{T-1, j} of some channels: (c, T); the segment sums x_{j+1} + ... + x_{T-1} are
+def per_channel(s: SSMInputs, values: Tensor) -> Tensor:
+    """(H, ...) values of the decay units -> (d_inner, ...) the value of each channel's unit."""
+    return values.repeat_interleave(s.u.shape[1] // s.dt.shape[1], dim=0)
+
+
+def _alpha(s: SSMInputs, units: slice | Tensor) -> Tensor:
+    """Hidden attention of some decay units: (c, T, T), zero above the diagonal."""
+    dt = s.dt[:, units]  # (T, c)
+    decay = segsum((dt[..., None] * s.A[units]).permute(1, 2, 0)).exp_()  # (c, d_state or 1, T, T)
+    CB = torch.einsum("ign,jgn->gnij", s.C, s.B)  # (G, d_state, T, T) C_i[n] B_j[n] of each group
+    if decay.shape[1] == 1:  # one decay for all state entries (Mamba-2): contract the state first
+        CB = CB.sum(1, keepdim=True)
+    return (decay * CB[_group(s, units)]).sum(1) * dt.T[:, None, :]
+
+
+def _alpha_last(s: SSMInputs, units: slice | Tensor) -> Tensor:
+    """The last row alpha_{T-1, j} of some decay units: (c, T); the segment sums x_{j+1} + ... + x_{T-1} are
     suffix sums (the last row of `segsum`)."""
-    dt = s.dt[:, channels]  # (T, c)
-    x = dt[..., None] * s.A[channels]  # (T, c, d_state) log-decay of each step
+    dt = s.dt[:, units]  # (T, c)
+    x = dt[..., None] * s.A[units]  # (T, c, d_state or 1) log-decay of each step
     suffix = torch.cat([x[1:].flip(0).cumsum(0).flip(0), torch.zeros_like(x[:1])])  # sum_{k=j+1..T-1} x_k
-    return torch.einsum("n,jcn,jn->cj", s.C[-1], torch.exp(suffix), s.B) * dt.T
+    CB = s.C[-1] * s.B  # (T, G, d_state) C_{T-1}[n] B_j[n]
+    if x.shape[-1] == 1:
+        CB = CB.sum(-1, keepdim=True)
+    return torch.einsum("jcn,jcn->cj", torch.exp(suffix), CB[:, _group(s, units)]) * dt.T
 
 
 def hidden_attention(model: nn.Module, input_ids: Tensor, layer: int, chunk: int = CHUNK) -> Tensor:
-    """Hidden attention alpha of one layer of a `MambaForCausalLM` for a prompt (T,): (d_inner, T, T).
+    """Hidden attention alpha of one layer of a Mamba-family model for a prompt, input_ids (T,) or (1, T).
 
-    alpha[d, i, j] weighs the SSM input x_j in the output y_i of channel d (zero for j > i); computed `chunk`
-    channels at a time from the layer's own parameters.
+    Returns (units, T, T): (d_inner, T, T) for Mamba and Falcon-Mamba, (n_heads, T, T) for Mamba-2.
+    alpha[u, i, j] weighs the SSM input x_j[c] in the output y_i[c] of every channel c of unit u (zero for
+    j > i); computed `chunk` units at a time from the layer's own parameters.
     """
     adapter = _mamba(model)
     with torch.no_grad():
@@ -106,26 +140,30 @@ def hidden_attention(model: nn.Module, input_ids: Tensor, layer: int, chunk: int
 
 
 def _alpha_all(s: SSMInputs, chunk: int = CHUNK) -> Tensor:
-    """(d_inner, T, T) hidden attention of every channel, `chunk` channels at a time."""
-    return torch.cat([_alpha(s, slice(c, c + chunk)) for c in range(0, s.u.shape[1], chunk)])
+    """(units, T, T) hidden attention of every decay unit, `chunk` units at a time."""
+    return torch.cat([_alpha(s, slice(c, c + chunk)) for c in range(0, s.dt.shape[1], chunk)])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # token flow into knowledge neurons
 
 
-def _flow(s: SSMInputs, neurons: Sequence[int]) -> Tensor:
-    """(n, T) contributions of each input token to the neurons' activations at the last position."""
-    idx = torch.as_tensor(list(neurons), dtype=torch.long, device=s.u.device)
-    contrib = _alpha_last(s, idx) * s.u[:, idx].T  # (n, T) alpha_{T-1,j} x_j
-    contrib[:, -1] += s.D[idx] * s.u[-1, idx]  # skip connection D x_{T-1}
-    return contrib * F.silu(s.z[-1, idx])[:, None]
+def _flow(adapter: SSMAdapter, layer: int, s: SSMInputs, alpha_last: Tensor) -> Tensor:
+    """(d_inner, T) contributions of each input token to every neuron's activation at the last position.
+
+    alpha_last: (units, T) the last row of the layer's hidden attention (`_alpha_last`).
+    """
+    split = per_channel(s, alpha_last) * s.u.T  # (d_inner, T) alpha_{T-1,j} x_j: the SSM output y_{T-1} split
+    split[:, -1] += per_channel(s, s.D) * s.u[-1]  # skip connection D x_{T-1}
+    factor = adapter.neuron_factor(layer, split.sum(1)[None], s.z[-1:])[0]  # (d_inner,) of the clean y_{T-1}
+    return split * factor[:, None]
 
 
 def token_flow(model: nn.Module, input_ids: Tensor, layer: int, neurons: Sequence[int]) -> Tensor:
     """Exact split of the activations of `neurons` of `layer` at the last position over the input tokens.
 
-    Returns (len(neurons), T); row r sums to the activation (the `out_proj` input) of neuron neurons[r].
+    input_ids: (T,) or (1, T). Returns (len(neurons), T); row r sums to the activation (the `out_proj` input) of
+    neuron neurons[r].
     """
     adapter = _mamba(model)
     bad = [i for i in neurons if not 0 <= i < adapter.width]
@@ -133,7 +171,7 @@ def token_flow(model: nn.Module, input_ids: Tensor, layer: int, neurons: Sequenc
         raise UserError(f"neuron indices {bad} are outside 0..{adapter.width - 1}")
     with torch.no_grad():
         (s,) = _ssm_inputs(adapter, input_ids, [layer])
-        return _flow(s, neurons)
+        return _flow(adapter, layer, s, _alpha_last(s, slice(None)))[list(neurons)]
 
 
 def _group_masks(T: int, subject_pos: Sequence[int]) -> Tensor:
@@ -217,7 +255,8 @@ METHOD = {
     "position": "last prompt token, the position that predicts the answer's first token",
     "subject_tokens": "prompt tokens overlapping the subject's characters, without the last position",
     "hidden_attention": "mean over channels of |alpha_{T-1,j}| normalized to sum 1 over tokens j (alpha's sign "
-    "varies between channels and would cancel in a signed mean); the D skip term is not attention and is left out",
+    "varies between channels and would cancel in a signed mean; a Mamba-2 head's alpha stands for each of its "
+    "channels); the D skip term is not attention and is left out",
     "skip_term": "the D x_{T-1} skip term of the scan counts as a contribution of the last token",
     "signed_share": "sum of a group's contributions / activation; sums to 1, can leave [0, 1] when tokens cancel",
     "absolute_share": "sum of a group's |contributions| / sum of all |contributions|; in [0, 1], sums to 1",
@@ -237,7 +276,7 @@ def _mean_shares(records: Iterable[dict]) -> dict:
     return {"n": len(records), **means}
 
 
-def _check_neurons(adapter: MambaAdapter, fact_id: str, neurons: Sequence[Neuron]) -> None:
+def _check_neurons(adapter: SSMAdapter, fact_id: str, neurons: Sequence[Neuron]) -> None:
     bad = [(lay, i) for lay, i, _ in neurons if not (0 <= lay < adapter.n_layers and 0 <= i < adapter.width)]
     if bad:
         raise UserError(
@@ -245,7 +284,7 @@ def _check_neurons(adapter: MambaAdapter, fact_id: str, neurons: Sequence[Neuron
         )
 
 
-def _prompt_analysis(adapter: MambaAdapter, tokenizer, fact: Fact, prompt: str, neurons: Sequence[Neuron]) -> dict:
+def _prompt_analysis(adapter: SSMAdapter, tokenizer, fact: Fact, prompt: str, neurons: Sequence[Neuron]) -> dict:
     """Per layer hidden-attention masses of the last position, and the token flow of the fact's neurons."""
     ids, _ = encode(tokenizer, prompt, fact.answer, fact.id)
     subject = subject_positions(tokenizer, prompt, fact.subject)
@@ -253,12 +292,12 @@ def _prompt_analysis(adapter: MambaAdapter, tokenizer, fact: Fact, prompt: str, 
     masses, records = [], []
     for layer, x in enumerate(inputs):
         s = adapter.ssm_inputs(layer, x)
-        row = _alpha_last(s, slice(None)).abs().mean(0)  # (T,) channel-averaged |alpha_{T-1, j}|
-        masses.append(_shares(row[None], subject)[0])
+        alpha_last = _alpha_last(s, slice(None))  # (units, T)
+        masses.append(_shares(alpha_last.abs().mean(0)[None], subject)[0])  # channel-averaged |alpha_{T-1, j}|
         mine = [(int(i), float(score)) for lay, i, score in neurons if lay == layer]
         if not mine:
             continue
-        contrib = _flow(s, [i for i, _ in mine])  # (n, T)
+        contrib = _flow(adapter, layer, s, alpha_last)[[i for i, _ in mine]]  # (n, T)
         shares = flow_shares(contrib, subject)
         for r, (index, score) in enumerate(mine):
             records.append(
@@ -288,7 +327,7 @@ def mamba_attention_analysis(
     refined: Mapping[str, Sequence[Neuron]],
     progress: bool = True,
 ) -> dict:
-    """Hidden attention and knowledge-neuron token flow of a Mamba model over facts (JSON-ready, no NaN).
+    """Hidden attention and knowledge-neuron token flow of a Mamba-family model over facts (JSON-ready, no NaN).
 
     refined: fact id -> refined neurons (layer, index, score); a fact without an entry has no neurons.
     Per prompt: the tokens, the subject positions, per layer the subject / last / other mass of the channel-averaged

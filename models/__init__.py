@@ -8,8 +8,9 @@ its adapter; `loading.load_model` loads a model and tokenizer from a folder or t
 from models.base import Adapter, Prefix
 from models.gpt2 import GPT2Adapter
 from models.loading import load_model, resolve_device
-from models.mamba import MambaAdapter, SSMInputs
+from models.mamba import MambaAdapter
 from models.registry import ADAPTERS, adapter_for
+from models.ssm import SSMAdapter, SSMInputs
 
-__all__ = ["ADAPTERS", "Adapter", "GPT2Adapter", "MambaAdapter", "Prefix", "SSMInputs", "adapter_for",
+__all__ = ["ADAPTERS", "Adapter", "GPT2Adapter", "MambaAdapter", "Prefix", "SSMAdapter", "SSMInputs", "adapter_for",
            "load_model", "resolve_device"]

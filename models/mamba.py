@@ -9,30 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import Adapter
-
-
-@dataclass
-class SSMInputs:
-    """The selective SSM's inputs along a sequence of T positions (one layer), as in Gu & Dao 2023.
-
-    xs: (T, d_inner) the in_proj half that enters the causal depthwise conv (what the conv window keeps)
-    u:  (T, d_inner) SSM input x: SiLU of the causal depthwise conv of xs
-    z:  (T, d_inner) gate (the other in_proj half); the neurons are y * silu(z)
-    dt: (T, d_inner) step size Delta = softplus(dt_proj(.) + bias)
-    B:  (T, d_state) input matrix;  C: (T, d_state) output matrix
-    A:  (d_inner, d_state) = -exp(A_log), negative;  D: (d_inner,) skip connection
-    Discretisation (zero-order hold as in the reference code): Abar_t = exp(Delta_t A), Bbar_t = Delta_t B_t.
-    """
-
-    xs: Tensor
-    u: Tensor
-    z: Tensor
-    dt: Tensor
-    B: Tensor
-    C: Tensor
-    A: Tensor
-    D: Tensor
+from models.ssm import SSMAdapter, SSMInputs
 
 
 @dataclass
@@ -46,7 +23,7 @@ class ConvSSMState:
     ssm: Tensor
 
 
-class MambaAdapter(Adapter):
+class MambaAdapter(SSMAdapter):
     neuron_site = "backbone.layers[l].mixer.out_proj input (y * silu(z))"
 
     def _layers(self) -> nn.ModuleList:
@@ -60,6 +37,9 @@ class MambaAdapter(Adapter):
 
     def final_norm(self) -> nn.Module:
         return self.model.backbone.norm_f
+
+    def neuron_factor(self, layer: int, y: Tensor, z: Tensor) -> Tensor:
+        return F.silu(z)
 
     def _split(self, mixer: nn.Module, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u: (n, d_inner) -> Delta (n, d_inner), B (n, d_state), C (n, d_state)."""
@@ -76,7 +56,7 @@ class MambaAdapter(Adapter):
         conv = F.conv1d(xs.T[None], mixer.conv1d.weight, mixer.conv1d.bias, padding=k - 1, groups=xs.shape[1])
         u = F.silu(conv[0, :, :T].T)
         dt, B, C = self._split(mixer, u)
-        return SSMInputs(xs, u, z, dt, B, C, -torch.exp(mixer.A_log), mixer.D)
+        return SSMInputs(xs, u, z, dt, B[:, None], C[:, None], -torch.exp(mixer.A_log), mixer.D)  # one group
 
     def layer_state(self, layer: int, x: Tensor) -> ConvSSMState:
         mixer = self.layers[layer].mixer
