@@ -6,11 +6,13 @@ its adapter; `loading.load_model` loads a model and tokenizer from a folder or t
 """
 
 from models.base import Adapter, Prefix
+from models.falcon_mamba import FalconMambaAdapter
 from models.gpt2 import GPT2Adapter
 from models.loading import load_model, resolve_device
 from models.mamba import MambaAdapter
+from models.mamba2 import Mamba2Adapter
 from models.registry import ADAPTERS, adapter_for
 from models.ssm import SSMAdapter, SSMInputs
 
-__all__ = ["ADAPTERS", "Adapter", "GPT2Adapter", "MambaAdapter", "Prefix", "SSMAdapter", "SSMInputs", "adapter_for",
-           "load_model", "resolve_device"]
+__all__ = ["ADAPTERS", "Adapter", "FalconMambaAdapter", "GPT2Adapter", "Mamba2Adapter", "MambaAdapter", "Prefix",
+           "SSMAdapter", "SSMInputs", "adapter_for", "load_model", "resolve_device"]

@@ -6,10 +6,17 @@ from torch import nn
 
 from errors import UserError
 from models.base import Adapter
+from models.falcon_mamba import FalconMambaAdapter
 from models.gpt2 import GPT2Adapter
 from models.mamba import MambaAdapter
+from models.mamba2 import Mamba2Adapter
 
-ADAPTERS: dict[str, type[Adapter]] = {"gpt2": GPT2Adapter, "mamba": MambaAdapter}
+ADAPTERS: dict[str, type[Adapter]] = {
+    "gpt2": GPT2Adapter,
+    "mamba": MambaAdapter,
+    "falcon_mamba": FalconMambaAdapter,
+    "mamba2": Mamba2Adapter,
+}
 
 
 def adapter_for(model: nn.Module) -> Adapter:

@@ -1,11 +1,22 @@
-"""Shared fixtures: tiny random GPT-2 and Mamba models, saved and loaded back through the project's loader."""
+"""Shared fixtures: tiny random GPT-2, Mamba, Mamba-2 and Falcon-Mamba models, saved and loaded back through the
+project's loader."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from tokenizers import ByteLevelBPETokenizer
-from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    FalconMambaConfig,
+    FalconMambaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Mamba2Config,
+    Mamba2ForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from models import load_model
 
@@ -52,9 +63,35 @@ def tiny_mamba(tmp_path_factory):
     return _save_and_load(MambaForCausalLM(cfg), folder)
 
 
-@pytest.fixture(scope="session", params=["gpt2", "mamba"])
+def tiny_mamba2_config(**overrides) -> Mamba2Config:
+    """3 layers, hidden 32, d_inner 64 = 8 heads x head_dim 8 in 2 groups, d_state 8, chunks of 4 positions (so
+    that prompts span several chunks of transformers' SSD scan), conv bias."""
+    cfg = dict(num_hidden_layers=3, hidden_size=32, expand=2, num_heads=8, head_dim=8, n_groups=2, state_size=8,
+               chunk_size=4, use_conv_bias=True, vocab_size=300, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return Mamba2Config(**(cfg | overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba2(tmp_path_factory):
+    """(model, tokenizer): see `tiny_mamba2_config`; default time_step_limit (0, inf)."""
+    torch.manual_seed(0)
+    return _save_and_load(Mamba2ForCausalLM(tiny_mamba2_config()), tmp_path_factory.mktemp("tiny_mamba2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_falcon_mamba(tmp_path_factory):
+    """(model, tokenizer): 3 layers, hidden 32, d_inner 64, d_state 8, RMS-normalised B, C and Delta; a large init
+    (initializer_range 0.5) so that P(answer) is visibly non-linear in the neurons (completeness test)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_falcon_mamba")
+    cfg = FalconMambaConfig(num_hidden_layers=3, hidden_size=32, state_size=8, vocab_size=300, initializer_range=0.5,
+                            bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return _save_and_load(FalconMambaForCausalLM(cfg), folder)
+
+
+@pytest.fixture(scope="session", params=["gpt2", "mamba", "mamba2", "falcon_mamba"])
 def tiny_model(request):
-    """Both tiny models, one after the other."""
+    """Every tiny model, one after the other."""
     return request.getfixturevalue(f"tiny_{request.param}")
 
 

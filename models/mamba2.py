@@ -1,0 +1,109 @@
+"""Mamba-2 (Dao & Gu 2024, SSD): the neurons of layer l are the input of `backbone.layers[l].mixer.out_proj`,
+i.e. the gated RMSNorm of the SSM output, norm(y * silu(z)) * weight, width d_inner = expand * hidden_size
+(1536 for mamba2-130m).
+
+A block: in_proj(norm(x)) = [z (d_inner), xBC (conv_dim), dt (heads)]; xBC = [x, B, C] goes through the causal
+depthwise conv and SiLU; Delta = clamp(softplus(dt + dt_bias), time_step_limit) per head; the scan of each head
+(A and D are scalars per head, B and C are shared by the heads of one of n_groups groups) gives y; the gated
+RMSNorm normalises y * silu(z) over each of its n_groups channel groups. transformers computes the scan in
+chunks (the SSD form); the single-token step here is its recurrence, which is the same map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.ssm import SSMAdapter, SSMInputs
+
+
+@dataclass
+class Mamba2State:
+    """Mamba-2 state after position T-2.
+
+    conv: (conv_dim, d_conv - 1) the last pre-conv inputs [x, B, C] (zeros before the start).
+    ssm:  (heads, head_dim, d_state) the SSM state h_{T-2}.
+    """
+
+    conv: Tensor
+    ssm: Tensor
+
+
+class Mamba2Adapter(SSMAdapter):
+    neuron_site = "backbone.layers[l].mixer.out_proj input (gated RMSNorm of y * silu(z))"
+
+    def _layers(self) -> nn.ModuleList:
+        return self.model.backbone.layers
+
+    def _width(self) -> int:
+        return self.layers[0].mixer.intermediate_size
+
+    def neuron_module(self, layer: int) -> nn.Module:
+        return self.layers[layer].mixer.out_proj
+
+    def final_norm(self) -> nn.Module:
+        return self.model.backbone.norm_f
+
+    def neuron_factor(self, layer: int, y: Tensor, z: Tensor) -> Tensor:
+        """weight * silu(z) / rms(y * silu(z)) with the rms over each of the norm's channel groups."""
+        norm = self.layers[layer].mixer.norm
+        gated = y * F.silu(z)  # (n, d_inner)
+        groups = gated.unflatten(-1, (-1, norm.group_size))  # (n, n_groups, group_size)
+        scale = torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)  # one number a group
+        return norm.weight * F.silu(z) * scale.expand_as(groups).flatten(-2)
+
+    def _in_proj(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (n, d_model) block inputs -> z (n, d_inner), xBC (n, conv_dim), dt (n, heads) before the bias."""
+        block = self.layers[layer]
+        mixer = block.mixer
+        return mixer.in_proj(block.norm(x)).split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], -1)
+
+    def _split(self, mixer: nn.Module, xbc: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Conv output xbc (n, conv_dim) and raw dt (n, heads) -> x (n, d_inner), B, C (n, n_groups, d_state),
+        Delta (n, heads)."""
+        groups, n = mixer.n_groups, mixer.ssm_state_size
+        x, B, C = mixer.act(xbc).split([mixer.intermediate_size, groups * n, groups * n], dim=-1)
+        dt = F.softplus(dt + mixer.dt_bias).clamp(*mixer.time_step_limit)
+        return x, B.unflatten(-1, (groups, n)), C.unflatten(-1, (groups, n)), dt
+
+    def ssm_inputs(self, layer: int, x: Tensor) -> SSMInputs:
+        mixer = self.layers[layer].mixer
+        z, xbc, dt = self._in_proj(layer, x)
+        T, k = len(x), mixer.conv_kernel_size
+        conv = F.conv1d(xbc.T[None], mixer.conv1d.weight, mixer.conv1d.bias, padding=k - 1, groups=mixer.conv_dim)
+        u, B, C, dt = self._split(mixer, conv[0, :, :T].T, dt)
+        return SSMInputs(xbc, u, z, dt, B, C, -torch.exp(mixer.A_log)[:, None], mixer.D)
+
+    def _heads(self, mixer: nn.Module, t: Tensor) -> Tensor:
+        """(n, n_groups, d_state) -> (n, heads, d_state): the group of each head, as transformers repeats it."""
+        return t.repeat_interleave(mixer.num_heads // mixer.n_groups, dim=-2)
+
+    def layer_state(self, layer: int, x: Tensor) -> Mamba2State:
+        mixer = self.layers[layer].mixer
+        k, heads, p, n = mixer.conv_kernel_size, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size
+        ssm = x.new_zeros(heads, p, n)
+        if not len(x):  # a one-token prompt: nothing before the last position
+            return Mamba2State(x.new_zeros(mixer.conv_dim, k - 1), ssm)
+        s = self.ssm_inputs(layer, x)  # (T-1, ...) the positions before the last
+        window = torch.cat([s.xs.new_zeros(max(0, k - 1 - len(x)), s.xs.shape[1]), s.xs[-(k - 1) :]]).T
+        u, B, dt = s.u.unflatten(-1, (heads, p)), self._heads(mixer, s.B), s.dt[..., None, None]
+        for t in range(len(x)):  # h_t = exp(Delta_t A) h_{t-1} + Delta_t x_t B_t, per head
+            ssm = torch.exp(dt[t] * s.A[:, None]) * ssm + dt[t] * u[t, :, :, None] * B[t, :, None, :]
+        return Mamba2State(window, ssm)
+
+    def pre_neurons(self, layer: int, h: Tensor, state: Mamba2State) -> tuple[Tensor, Tensor]:
+        mixer = self.layers[layer].mixer
+        heads, p = mixer.num_heads, mixer.head_dim
+        z, xbc, dt = self._in_proj(layer, h)  # (rows, d_inner), (rows, conv_dim), (rows, heads)
+        window = torch.cat([state.conv.expand(len(h), -1, -1), xbc[..., None]], dim=-1)  # (rows, conv_dim, d_conv)
+        conv = (window * mixer.conv1d.weight[:, 0]).sum(-1)
+        x, B, C, dt = self._split(mixer, conv + mixer.conv1d.bias if mixer.conv1d.bias is not None else conv, dt)
+        B, C, x = self._heads(mixer, B), self._heads(mixer, C), x.unflatten(-1, (heads, p))  # per head
+        A = -torch.exp(mixer.A_log)  # (heads,)
+        # y = C . (exp(Delta A) h + Delta x B) + D x; A is a scalar per head, so the decay factors out of C . h
+        readout = torch.einsum("rhn,hpn->rhp", C, state.ssm)  # (rows, heads, head_dim)
+        y = torch.exp(dt * A)[..., None] * readout + (dt * (B * C).sum(-1))[..., None] * x + mixer.D[:, None] * x
+        return h, mixer.norm(y.flatten(-2), z)

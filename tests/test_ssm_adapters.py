@@ -1,0 +1,45 @@
+"""The Mamba-2 and Falcon-Mamba adapters rebuild the model's own blocks (the attribution tests check the scores)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_mamba2_config
+from transformers import Mamba2ForCausalLM
+
+from models import MambaAdapter, adapter_for
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mamba2_time_step_limit_is_applied(dtype):
+    """A limit that clamps Delta on both sides: the prefix check (against the model's chunked scan) passes."""
+    torch.manual_seed(1)
+    model = Mamba2ForCausalLM(tiny_mamba2_config(time_step_limit=(0.02, 0.06))).eval().requires_grad_(False)
+    adapter = adapter_for(model.to(dtype))
+    for T in (1, 2, 4, 5, 11):  # within one chunk of 4, at its edge, across several
+        prefix = adapter.prefix(torch.randint(0, 300, (T,)))  # raises if a layer differs from the forward
+        assert prefix.acts.dtype == dtype and prefix.acts.shape == (3, 64)
+    x = adapter.block_io(torch.randint(0, 300, (20,)))[0][1]
+    dt = adapter.ssm_inputs(1, x).dt  # (T, heads)
+    assert dt.shape == (20, 8)
+    assert (dt == 0.02).any() and (dt == 0.06).any() and ((dt > 0.02) & (dt < 0.06)).any()
+
+
+def test_mamba2_neuron_factor_is_the_gated_norm(tiny_mamba2):
+    """neurons = y * factor(y, z) is the mixer's own gated RMSNorm, whose rms runs over each of n_groups groups."""
+    model, _ = tiny_mamba2
+    adapter = adapter_for(model)
+    norm = model.backbone.layers[2].mixer.norm
+    assert norm.group_size == 32  # 2 groups of 32 channels
+    y, z = torch.randn(5, 64), torch.randn(5, 64)
+    y[:, 32:] *= 10.0  # groups of very different scale: one rms over all channels would be wrong
+    assert torch.allclose(y * adapter.neuron_factor(2, y, z), norm(y, z), rtol=1e-5, atol=1e-6)
+
+
+def test_falcon_mamba_needs_its_normalised_b_c_delta(tiny_falcon_mamba):
+    """The Mamba adapter without the RMS norms of B, C and Delta fails the prefix check on Falcon-Mamba."""
+    model, _ = tiny_falcon_mamba
+    ids = torch.randint(0, 300, (6,))
+    adapter_for(model).prefix(ids)
+    with pytest.raises(RuntimeError, match="not supported by the adapter"):
+        MambaAdapter(model).prefix(ids)
