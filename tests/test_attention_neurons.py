@@ -1,4 +1,5 @@
-"""Hidden attention reproduces Mamba's own mixer, token flow sums to the neurons, GPT-2 attention is the model's."""
+"""Hidden attention reproduces the mixers of Mamba, Falcon-Mamba and Mamba-2, token flow sums to the neurons, GPT-2
+attention is the model's."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from transformers import MambaConfig, MambaForCausalLM
+from conftest import tiny_mamba2_config
+from transformers import FalconMambaConfig, FalconMambaForCausalLM, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 from attention_neurons import (
     flow_shares,
     gpt2_subject_attention,
     hidden_attention,
     mamba_attention_analysis,
+    per_channel,
     plot_hidden_attention,
     plot_subject_flow,
     segsum,
@@ -36,23 +38,42 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def random_mamba(seed: int, strong_decay: bool = False) -> MambaForCausalLM:
-    """2 layers, d_inner 32, d_state 4; strong_decay makes exp(sum Delta A) underflow float32 within a few steps."""
+SSM_KINDS = ("mamba", "falcon_mamba", "mamba2")
+UNITS = {"mamba": 32, "falcon_mamba": 32, "mamba2": 4}  # decay units of the random models: channels or heads
+
+
+def random_ssm(seed: int, kind: str = "mamba", strong_decay: bool = False, **mamba2_config):
+    """2 layers, d_inner 32 (Mamba-2: 4 heads x head_dim 8 in 2 groups, chunks of 4), d_state 4; strong_decay
+    makes exp(sum Delta A) underflow float32 within a few steps."""
     torch.manual_seed(seed)
-    cfg = MambaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32, state_size=4, vocab_size=64)
-    model = MambaForCausalLM(cfg).eval().requires_grad_(False)
+    size = dict(num_hidden_layers=2, hidden_size=16, state_size=4, vocab_size=64)
+    if kind == "mamba":
+        model = MambaForCausalLM(MambaConfig(intermediate_size=32, **size))
+    elif kind == "falcon_mamba":
+        model = FalconMambaForCausalLM(FalconMambaConfig(**size))
+    else:
+        model = Mamba2ForCausalLM(tiny_mamba2_config(num_heads=4, **size, **mamba2_config))
+    model.eval().requires_grad_(False)
     if strong_decay:
         for layer in model.backbone.layers:
             layer.mixer.A_log.fill_(5.0)  # A = -148
-            layer.mixer.dt_proj.bias.fill_(1.0)  # Delta ~ 1.3: Delta A ~ -200 a step
+            bias = layer.mixer.dt_bias if kind == "mamba2" else layer.mixer.dt_proj.bias
+            bias.fill_(1.0)  # Delta ~ 1.3: Delta A ~ -200 a step
     return model
 
 
-def out_proj_inputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
-    """The model's own neurons y * silu(z), (T, d_inner) per layer, captured at every mixer's out_proj."""
+def random_mamba(seed: int, strong_decay: bool = False) -> MambaForCausalLM:
+    return random_ssm(seed, "mamba", strong_decay)
+
+
+def mixer_io(model, ids: torch.Tensor, module: str = "out_proj") -> list[torch.Tensor]:
+    """The first input of every mixer's `module`, (T, width) per layer, captured by hooks on the real forward.
+
+    module "out_proj": the neurons; "norm" (Mamba-2): the SSM output y before the gated RMSNorm.
+    """
     caught: list[torch.Tensor] = []
     hooks = [
-        layer.mixer.out_proj.register_forward_pre_hook(lambda module, args: caught.append(args[0][0]))
+        getattr(layer.mixer, module).register_forward_pre_hook(lambda m, args: caught.append(args[0][0]))
         for layer in model.backbone.layers
     ]
     try:
@@ -64,21 +85,32 @@ def out_proj_inputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
     return caught
 
 
+def out_proj_inputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The model's own neurons, (T, d_inner) per layer, captured at every mixer's out_proj."""
+    return mixer_io(model, ids)
+
+
 @pytest.mark.parametrize("strong_decay", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_hidden_attention_reproduces_the_mixer(seed, strong_decay):
-    model = random_mamba(seed, strong_decay)
+@pytest.mark.parametrize("kind", SSM_KINDS)
+def test_hidden_attention_reproduces_the_mixer(kind, seed, strong_decay):
+    """y_i[c] = sum_j alpha[u(c), i, j] x_j[c] + D x_i[c] is the mixer's own SSM output (Mamba-2: the gated norm's
+    input), and y times the adapter's neuron factor is its out_proj input."""
+    model = random_ssm(seed, kind, strong_decay)
     adapter = adapter_for(model)
     for T in (1, 2, 5, 17):
         ids = torch.randint(0, 64, (T,))
-        theirs = out_proj_inputs(model, ids)
+        theirs = mixer_io(model, ids)
+        theirs_y = mixer_io(model, ids, "norm") if kind == "mamba2" else None
         inputs, _, _ = adapter.block_io(ids)
         for layer in range(adapter.n_layers):
-            alpha = hidden_attention(model, ids, layer, chunk=7)  # chunks of 7 channels: 32 is not a multiple
-            assert alpha.shape == (32, T, T) and torch.isfinite(alpha).all()
+            alpha = hidden_attention(model, ids, layer, chunk=3)  # chunks of 3 units: neither 32 nor 4 a multiple
+            assert alpha.shape == (UNITS[kind], T, T) and torch.isfinite(alpha).all()
             s = adapter.ssm_inputs(layer, inputs[layer])
-            y = torch.einsum("dij,jd->id", alpha, s.u) + s.D * s.u  # (T, d_inner)
-            assert rel_diff(y * F.silu(s.z), theirs[layer]) <= 1e-4
+            y = torch.einsum("cij,jc->ic", per_channel(s, alpha), s.u) + per_channel(s, s.D) * s.u  # (T, d_inner)
+            if theirs_y is not None:
+                assert rel_diff(y, theirs_y[layer]) <= 1e-4
+            assert rel_diff(y * adapter.neuron_factor(layer, y, s.z), theirs[layer]) <= 1e-4
 
 
 def test_segsum():
@@ -105,15 +137,45 @@ def test_alpha_is_causal_and_matches_the_product_of_decays():
         assert abs(alpha[d, i, j].item() - naive.item()) <= 1e-12 * (1 + abs(naive.item()))
 
 
+def test_mamba2_alpha_is_the_product_of_head_decays():
+    """Mamba-2: alpha[h, i, j] = (C_i . B_j of h's group) prod_{k=j+1..i} exp(Delta_k[h] A[h]) Delta_j[h]."""
+    model = random_ssm(3, "mamba2").double()
+    adapter = adapter_for(model)
+    ids = torch.randint(0, 64, (9,))
+    alpha = hidden_attention(model, ids, 1)
+    assert alpha.shape == (4, 9, 9) and alpha.dtype == torch.float64
+    assert torch.equal(torch.triu(alpha, diagonal=1), torch.zeros_like(alpha))
+    s = adapter.ssm_inputs(1, adapter.block_io(ids)[0][1])
+    for h, i, j in [(0, 8, 0), (1, 5, 2), (2, 3, 3), (3, 7, 1), (3, 8, 7)]:
+        g = h // 2  # 4 heads in 2 groups
+        decay = torch.prod(torch.exp(s.dt[j + 1 : i + 1, h] * s.A[h, 0]))
+        naive = (s.C[i, g] * s.B[j, g]).sum() * decay * s.dt[j, h]
+        assert abs(alpha[h, i, j].item() - naive.item()) <= 1e-12 * (1 + abs(naive.item()))
+
+
+def test_hidden_attention_takes_a_tokenizer_batch_of_one(tiny_mamba2):
+    model, tok = tiny_mamba2
+    batch = tok("The capital of France is", return_tensors="pt")["input_ids"]  # (1, T)
+    assert batch.dim() == 2
+    assert torch.equal(hidden_attention(model, batch, 1), hidden_attention(model, batch[0], 1))
+    assert torch.equal(token_flow(model, batch, 1, [3, 40]), token_flow(model, batch[0], 1, [3, 40]))
+    with pytest.raises(UserError, match=r"\(T,\) or \(1, T\)"):
+        hidden_attention(model, batch.expand(2, -1), 1)
+
+
 def test_hidden_attention_needs_mamba(tiny_gpt2):
     model, _ = tiny_gpt2
     with pytest.raises(UserError, match="Mamba"):
         hidden_attention(model, torch.tensor([1, 2, 3]), 0)
 
 
+@pytest.mark.parametrize("mamba2_config", [{}, {"time_step_limit": (0.02, 0.06), "n_groups": 1}])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_token_flow_sums_to_the_activation(seed):
-    model = random_mamba(seed)
+@pytest.mark.parametrize("kind", SSM_KINDS)
+def test_token_flow_sums_to_the_activation(kind, seed, mamba2_config):
+    if mamba2_config and kind != "mamba2":
+        pytest.skip("a Mamba-2 configuration")
+    model = random_ssm(seed, kind, **mamba2_config)
     neurons = [0, 5, 17, 31]
     for T in (1, 2, 9):
         ids = torch.randint(0, 64, (T,))
@@ -172,8 +234,17 @@ def analysis(tiny_mamba):
     return mamba_attention_analysis(*tiny_mamba, FACTS, REFINED, progress=False)
 
 
-def test_mamba_attention_analysis(tiny_mamba, analysis):
-    model, tok = tiny_mamba
+@pytest.fixture(scope="module", params=SSM_KINDS)
+def ssm_analysis(request, analysis):
+    """(tiny model, its analysis) of each Mamba-family architecture."""
+    if request.param == "mamba":
+        return request.getfixturevalue("tiny_mamba"), analysis
+    model = request.getfixturevalue(f"tiny_{request.param}")
+    return model, mamba_attention_analysis(*model, FACTS, REFINED, progress=False)
+
+
+def test_mamba_attention_analysis(ssm_analysis):
+    (model, tok), analysis = ssm_analysis
     json.dumps(analysis, allow_nan=False)
     adapter = adapter_for(model)
     assert [f["id"] for f in analysis["facts"]] == ["capital_france", "river_china"]
