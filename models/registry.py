@@ -7,9 +7,10 @@ from torch import nn
 from errors import UserError
 from models.base import Adapter
 from models.gpt2 import GPT2Adapter
+from models.gpt_neox import GPTNeoXAdapter
 from models.mamba import MambaAdapter
 
-ADAPTERS: dict[str, type[Adapter]] = {"gpt2": GPT2Adapter, "mamba": MambaAdapter}
+ADAPTERS: dict[str, type[Adapter]] = {"gpt2": GPT2Adapter, "gpt_neox": GPTNeoXAdapter, "mamba": MambaAdapter}
 
 
 def adapter_for(model: nn.Module) -> Adapter:

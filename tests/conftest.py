@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from tokenizers import ByteLevelBPETokenizer
-from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from models import load_model
 
@@ -52,9 +60,21 @@ def tiny_mamba(tmp_path_factory):
     return _save_and_load(MambaForCausalLM(cfg), folder)
 
 
-@pytest.fixture(scope="session", params=["gpt2", "mamba"])
+@pytest.fixture(scope="session")
+def tiny_neox(tmp_path_factory):
+    """(model, tokenizer): GPT-NeoX (Pythia's architecture), 3 layers, hidden 32, 64 neurons a layer, rotary on
+    half of each head's dimensions, parallel residual."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_neox")
+    cfg = GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, rotary_pct=0.5, vocab_size=300, initializer_range=0.2,
+                        bos_token_id=0, eos_token_id=0)
+    return _save_and_load(GPTNeoXForCausalLM(cfg), folder)
+
+
+@pytest.fixture(scope="session", params=["gpt2", "mamba", "neox"])
 def tiny_model(request):
-    """Both tiny models, one after the other."""
+    """Every tiny model, one after the other."""
     return request.getfixturevalue(f"tiny_{request.param}")
 
 
