@@ -126,13 +126,10 @@ def baseline_activations(kn: KnowledgeNeurons, facts: Sequence[Fact], options: O
 
 
 def attribute_fact(kn: KnowledgeNeurons, fact: Fact, options: Options, baseline: Tensor | None) -> FactResult:
-    results = [
-        kn.attribute_detailed(
-            prompt, fact.answer, options.steps, "fast", options.ig_method, options.batch_size, baseline,
-            name=f"fact {fact.id}",
-        )
-        for prompt in fact.prompts
-    ]
+    results = kn.attribute_many(
+        [(prompt, fact.answer) for prompt in fact.prompts], options.steps, "fast", options.ig_method,
+        options.batch_size, baseline, names=[f"fact {fact.id}"] * len(fact.prompts),
+    )
     return FactResult(
         fact,
         torch.stack([r.scores for r in results]).float(),

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import transformers
 from tokenizers import ByteLevelBPETokenizer
 from tqdm.auto import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from errors import UserError
 from facts import FACTS, Fact, facts_hash
@@ -43,7 +43,6 @@ from tokens import continuation, encode
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("gpt2", "mamba")
 MIN_ACCURACY = 0.9
 INFO_FILE = "demo_info.json"
 ENV_CACHE = "KN_DEMO_CACHE"
@@ -54,20 +53,36 @@ TRAIN_THREADS = 1
 
 EOS = "<|endoftext|>"
 
+TRAINING = {"lr": 3e-3, "weight_decay": 0.01, "warmup": 10, "seed": 0, "answer_weight": 1.0, "context_weight": 0.1}
+TRAINING_KEYS = ("steps", *TRAINING)  # the other entries of an architecture's settings are its config's
+
 DEMO_SETTINGS: dict[str, Any] = {
     "format": FORMAT_VERSION,
     "tokenizer": {"kind": "byte_level_bpe", "vocab_size": 600, "min_frequency": 1, "add_prefix_space": False,
                   "eos_token": EOS},
     "gpt2": {"n_layer": 4, "n_embd": 64, "n_head": 4, "n_inner": 256, "n_positions": 128,
-             "activation_function": "gelu_new", "pdrop": 0.0,
-             "steps": 120, "lr": 3e-3, "weight_decay": 0.01, "warmup": 10, "seed": 0,
-             "answer_weight": 1.0, "context_weight": 0.1},
+             "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+             "steps": 120, **TRAINING},
+    "gpt_neox": {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 256,
+                 "max_position_embeddings": 128, "rotary_pct": 0.25, "use_parallel_residual": True,
+                 "hidden_dropout": 0.0, "attention_dropout": 0.0, "tie_word_embeddings": False,
+                 "steps": 120, **TRAINING},
     "mamba": {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128, "state_size": 16,
-              "conv_kernel": 4,
-              "steps": 50, "lr": 3e-3, "weight_decay": 0.01, "warmup": 10, "seed": 0,
-              "answer_weight": 1.0, "context_weight": 0.1},
+              "conv_kernel": 4, "steps": 50, **TRAINING},
+    "falcon_mamba": {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128, "state_size": 16,
+                     "conv_kernel": 4, "steps": 50, **TRAINING},
+    "mamba2": {"num_hidden_layers": 4, "hidden_size": 64, "expand": 2, "num_heads": 8, "head_dim": 16,
+               "n_groups": 1, "state_size": 16, "conv_kernel": 4, "chunk_size": 16, "steps": 50, **TRAINING},
 }
-
+CLASSES = {  # architecture -> (config class, model class) of transformers
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+    "mamba": ("MambaConfig", "MambaForCausalLM"),
+    "falcon_mamba": ("FalconMambaConfig", "FalconMambaForCausalLM"),
+    "mamba2": ("Mamba2Config", "Mamba2ForCausalLM"),
+}
+ARCHS = tuple(CLASSES)
+DEFAULT_ARCHS = ("gpt2", "mamba")
 
 # ----------------------------------------------------------------------------------------------------------
 # where the models live
@@ -173,18 +188,10 @@ def _batch(tokenizer, facts: Sequence[Fact], answer_weight: float, context_weigh
 
 
 def _new_model(arch: str, vocab_size: int, eos_id: int, cfg: dict[str, Any]):
-    if arch == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_positions=cfg["n_positions"], n_layer=cfg["n_layer"],
-                            n_embd=cfg["n_embd"], n_head=cfg["n_head"], n_inner=cfg["n_inner"],
-                            activation_function=cfg["activation_function"], resid_pdrop=cfg["pdrop"],
-                            embd_pdrop=cfg["pdrop"], attn_pdrop=cfg["pdrop"], bos_token_id=eos_id,
-                            eos_token_id=eos_id, pad_token_id=eos_id)
-        return GPT2LMHeadModel(config)
-    config = MambaConfig(vocab_size=vocab_size, hidden_size=cfg["hidden_size"],
-                         intermediate_size=cfg["intermediate_size"], state_size=cfg["state_size"],
-                         num_hidden_layers=cfg["num_hidden_layers"], conv_kernel=cfg["conv_kernel"],
-                         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
-    return MambaForCausalLM(config)
+    config_class, model_class = (getattr(transformers, name) for name in CLASSES[arch])
+    config = {k: v for k, v in cfg.items() if k not in TRAINING_KEYS}
+    return model_class(config_class(vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
+                                    pad_token_id=eos_id, **config))
 
 
 @contextmanager
@@ -212,8 +219,9 @@ def _train(arch: str, facts: Sequence[Fact], progress: bool = True, settings: di
     cfg = settings[arch]
     tokenizer = build_tokenizer(facts, settings)
     inputs, targets, weights, mask = _batch(tokenizer, facts, cfg["answer_weight"], cfg["context_weight"])
-    if inputs.shape[1] + 1 > cfg.get("n_positions", 1 << 30):
-        raise UserError(f"a fact prompt is longer than the demo GPT-2's {cfg['n_positions']} positions")
+    context = cfg.get("n_positions") or cfg.get("max_position_embeddings")
+    if context and inputs.shape[1] + 1 > context:
+        raise UserError(f"a fact prompt is longer than the demo {arch} model's {context} positions")
 
     with _threads(TRAIN_THREADS):
         torch.manual_seed(cfg["seed"])
@@ -308,11 +316,15 @@ def _build(arch: str, facts: Sequence[Fact], folder: Path, progress: bool) -> No
 
 
 def ensure_demo_models(facts: Sequence[Fact] = FACTS, cache_dir: str | Path | None = None,
-                       progress: bool = True) -> dict[str, Path]:
-    """{"gpt2": folder, "mamba": folder} of demo models that know `facts`; builds the missing ones (CPU)."""
+                       progress: bool = True, archs: Sequence[str] = DEFAULT_ARCHS) -> dict[str, Path]:
+    """{arch: folder} of demo models of `archs` (config.model_type names, see `ARCHS`) that know `facts`;
+    builds the missing ones (CPU)."""
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise UserError(f"no demo model for {', '.join(unknown)}: demo models exist for {', '.join(ARCHS)}")
     root = demo_cache_dir(cache_dir)
     folders: dict[str, Path] = {}
-    for arch in ARCHS:
+    for arch in archs:
         folder = root / demo_key(arch, facts)
         if _complete(folder):
             log.info("reusing cached demo model %s", folder)

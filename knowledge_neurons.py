@@ -22,7 +22,8 @@ and the fact-prompt's score is the mean over answer tokens.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,8 +111,7 @@ class KnowledgeNeurons:
     """
 
     def __init__(self, model, tokenizer):
-        # eval mode: dropout off, and transformers' CUDA Mamba kernels fuse out_proj (the neurons) in training mode
-        self.model = model.eval()
+        self.model = model  # used as handed over: attribution runs it in eval mode and then restores its mode
         self.tokenizer = tokenizer
         self.adapter: Adapter = adapter_for(model)
 
@@ -128,7 +128,8 @@ class KnowledgeNeurons:
 
     def activations(self, prompt: str) -> Tensor:
         """(n_layers, width) neuron activations at the prompt's last position (e.g. for a baseline)."""
-        return self.adapter.prefix(self._ids(encode_prompt(self.tokenizer, prompt))).acts
+        with _eval_mode(self.model):
+            return self.adapter.prefix(self._ids(encode_prompt(self.tokenizer, prompt))).acts[0]
 
     def get_coarse_neurons(self, prompt: str, answer: str, threshold: float = 0.2, **kwargs) -> list[Neuron]:
         """Coarse neurons of one prompt: score >= threshold * max score. kwargs go to `attribute`."""
@@ -165,32 +166,57 @@ class KnowledgeNeurons:
         batch_size: at most this many (layer, alpha) rows per pass (fast) or alphas per pass (reference).
         baseline: (n_layers, width) activations that alpha = 0 stands for; None = zeros (Dai et al.).
         """
+        return self.attribute_many([(prompt, answer)], steps, method, ig_method, batch_size, baseline, [name])[0]
+
+    def attribute_many(
+        self,
+        items: Sequence[tuple[str, str]],
+        steps: int = 20,
+        method: str = "fast",
+        ig_method: str = "riemann_left",
+        batch_size: int | None = None,
+        baseline: Tensor | None = None,
+        names: Sequence[str] | None = None,
+    ) -> list[Attribution]:
+        """`attribute_detailed` of several (prompt, answer) pairs, their rows in one staircase batch.
+
+        Every answer token of every pair is one teacher-forced instance with its own prefix state; the
+        (instance, layer, alpha) rows of all of them go through the blocks together, `batch_size` rows per pass
+        at most (None: all at once). names: one per item, for error messages.
+        """
         if method not in ("fast", "reference"):
             raise UserError(f"unknown attribution method {method!r}: use 'fast' or 'reference'")
-        prompt_ids, answer_ids = encode(self.tokenizer, prompt, answer, name)
+        names = list(names) if names is not None else [""] * len(items)
+        encoded = [encode(self.tokenizer, p, a, n) for (p, a), n in zip(items, names, strict=True)]
+        instances = [inst for ids in encoded for inst in teacher_forced(*ids)]  # (input ids, target) pairs
         alphas, weights = quadrature(ig_method, steps)
-        run = self._fast if method == "fast" else self._reference
-        scores, delta, probs = [], [], []
-        for ids, target in teacher_forced(prompt_ids, answer_ids):
-            s, d, p = run(self._ids(ids), target, alphas, weights, batch_size, baseline)
-            scores.append(s)
-            delta.append(d)
-            probs.append(p)
-        scores, delta = torch.stack(scores).mean(0), torch.stack(delta).mean(0)
-        if not (torch.isfinite(scores).all() and torch.isfinite(delta).all()):
-            raise UserError(f"{name or repr(prompt)}: attribution scores are not finite (model weights or dtype?)")
-        return Attribution(scores, delta, torch.stack(probs), prompt_ids, answer_ids)
+        with _eval_mode(self.model):
+            if method == "fast":
+                results = self._fast(instances, alphas, weights, batch_size, baseline)
+            else:
+                results = [self._reference(self._ids(ids), target, alphas, weights, batch_size, baseline)
+                           for ids, target in instances]
+        out, start = [], 0
+        for (prompt, _), name, (prompt_ids, answer_ids) in zip(items, names, encoded, strict=True):
+            mine = results[start : start + len(answer_ids)]
+            start += len(answer_ids)
+            scores, delta = (torch.stack([r[k] for r in mine]).mean(0) for k in (0, 1))
+            if not (torch.isfinite(scores).all() and torch.isfinite(delta).all()):
+                raise UserError(f"{name or repr(prompt)}: attribution scores are not finite (model weights or dtype?)")
+            out.append(Attribution(scores, delta, torch.stack([r[2] for r in mine]), prompt_ids, answer_ids))
+        return out
 
     # --- the two ways of computing the path gradients ------------------------------------------------------
     def _path(self, acts: Tensor, alphas: Tensor, baseline: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Scaled activations s (n_layers, rows, width) and acts - baseline (n_layers, width).
+        """Scaled activations s (..., n_layers, rows, width) and acts - baseline (..., n_layers, width).
 
-        The rows are the quadrature points, then the baseline itself unless the first point already is it
-        (riemann_left), so P(y | baseline) comes out of the same batch.
+        acts: (..., n_layers, width). The rows are the quadrature points, then the baseline itself unless the
+        first point already is it (riemann_left), so P(y | baseline) comes out of the same batch.
         """
-        base = torch.zeros_like(acts) if baseline is None else baseline.to(acts)
+        base = torch.zeros_like(acts) if baseline is None else baseline.to(acts).expand_as(acts)
         a = alphas if alphas[0] == 0 else torch.cat([alphas, alphas.new_zeros(1)])
-        return base[:, None] + a.to(acts)[None, :, None] * (acts - base)[:, None], acts - base
+        diff = acts - base
+        return base[..., None, :] + a.to(acts)[:, None] * diff[..., None, :], diff
 
     def _combine(self, grads, probs, diff, weights, p_clean) -> tuple[Tensor, Tensor, Tensor]:
         """grads (L, rows, W), probs (L, rows) -> scores (L, W), delta (L,), clean P."""
@@ -200,40 +226,55 @@ class KnowledgeNeurons:
         delta = scores.sum(-1) - (p_clean - p_baseline)
         return scores.detach().cpu(), delta.detach().cpu(), p_clean.detach().cpu()
 
-    def _fast(self, ids, target, alphas, weights, batch_size, baseline):
-        ad = self.adapter
-        prefix = ad.prefix(ids)
-        s, diff = self._path(prefix.acts, alphas, baseline)  # (L, R, W)
-        L, R, W = s.shape
-        flat = s.reshape(L * R, W)
-        layer_of_row = torch.arange(L, device=s.device).repeat_interleave(R)
-        grads, probs = torch.empty_like(flat), flat.new_empty(L * R)
-        chunk = batch_size or L * R
-        for start in range(0, L * R, chunk):
-            rows = slice(start, start + chunk)
-            leaf = flat[rows].detach().requires_grad_(True)
-            with torch.enable_grad():
-                p = self._staircase(prefix, layer_of_row[rows], leaf, target)
-                (g,) = torch.autograd.grad(p.sum(), leaf)
-            grads[rows], probs[rows] = g, p.detach()
-        p_clean = prefix.logits.softmax(-1)[target]
-        return self._combine(grads.view(L, R, W), probs.view(L, R), diff, weights, p_clean)
+    def _fast(self, instances, alphas, weights, batch_size, baseline) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The staircase for P instances (input ids, target) at once -> per instance (scores, delta, clean P).
 
-    def _staircase(self, prefix: Prefix, layer_of_row: Tensor, s: Tensor, target: int) -> Tensor:
-        """P(target) for rows whose neurons of layer `layer_of_row` (n,) are set to s (n, W).
-
-        Rows are sorted by layer; each joins the batch after its layer and steps through the blocks above.
+        Rows r = (layer l, instance p, alpha k), sorted by layer: each joins the batch after block l.
         """
         ad = self.adapter
-        h = None  # (active rows, d_model) at the last position
+        prefix = ad.stack([ad.prefix(self._ids(ids)) for ids, _ in instances])
+        targets = torch.tensor([t for _, t in instances], device=ad.device)
+        s, diff = self._path(prefix.acts, alphas, baseline)  # (P, L, R, W), (P, L, W)
+        P, L, R, W = s.shape
+        flat = s.permute(1, 0, 2, 3).reshape(L * P * R, W)  # rows sorted by layer, then instance, then alpha
+        grid = torch.arange(L * P * R, device=s.device)
+        layer_of_row, instance_of_row = grid // (P * R), grid // R % P
+        grads, probs = torch.empty_like(flat), flat.new_empty(L * P * R)
+        chunk = batch_size or L * P * R
+        for start in range(0, L * P * R, chunk):
+            rows = slice(start, start + chunk)
+            leaf = flat[rows].detach().requires_grad_(True)
+            try:
+                with torch.enable_grad():
+                    p = self._staircase(prefix, layer_of_row[rows], instance_of_row[rows], leaf, targets)
+                    (g,) = torch.autograd.grad(p.sum(), leaf)
+            except torch.OutOfMemoryError as exc:
+                raise UserError(f"out of {ad.device.type} memory with {len(leaf)} rows per pass: lower --batch-size "
+                                f"(batch_size=) to fewer rows") from exc
+            grads[rows], probs[rows] = g, p.detach()
+        grads = grads.view(L, P, R, W).transpose(0, 1)
+        probs = probs.view(L, P, R).transpose(0, 1)
+        p_clean = prefix.logits.softmax(-1).gather(1, targets[:, None])[:, 0]  # (P,)
+        return [self._combine(grads[i], probs[i], diff[i], weights, p_clean[i]) for i in range(P)]
+
+    def _staircase(self, prefix: Prefix, layer_of_row: Tensor, instance_of_row: Tensor, s: Tensor,
+                   targets: Tensor) -> Tensor:
+        """P(target of the row's instance) for rows whose neurons of layer `layer_of_row` (n,) are set to s (n, W).
+
+        Rows are sorted by layer; each joins the batch after its layer and steps through the blocks above,
+        against its own instance's prefix state (instance_of_row (n,)).
+        """
+        ad = self.adapter
+        h, index = None, None  # (active rows, d_model) at the last position, (active rows,) their instances
         for layer in range(int(layer_of_row[0]), ad.n_layers):
             if h is not None:
-                h = ad.step(layer, h, prefix.states[layer])
-            new = s[layer_of_row == layer]
-            if len(new):
-                joined = prefix.resid[layer] + ad.project(layer, new)
-                h = joined if h is None else torch.cat([h, joined])
-        return ad.head(h).softmax(-1)[:, target]
+                h = ad.step(layer, h, prefix.states[layer], index)
+            joins = layer_of_row == layer
+            if joins.any():
+                new_index = instance_of_row[joins]
+                joined = prefix.resid[new_index, layer] + ad.project(layer, s[joins])
+                h, index = (joined, new_index) if h is None else (torch.cat([h, joined]), torch.cat([index, new_index]))
+        return ad.answer_probability(h, targets[index])
 
     def _reference(self, ids, target, alphas, weights, batch_size, baseline):
         ad = self.adapter
@@ -274,6 +315,18 @@ class KnowledgeNeurons:
             for handle in handles:
                 handle.remove()
         return torch.stack(acts)
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for the block (dropout off; transformers' CUDA Mamba kernels fuse out_proj, the neurons, in
+    training mode), then the model's own mode again."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 def _set_last_position(values: Tensor):

@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="coarse neurons: score >= THRESHOLD x the prompt's largest score (default: %(default)s)")
     a.add_argument("--share", type=float, default=Options.share,
                    help="refined neurons: coarse in >= SHARE of a fact's prompts, and in >= 2 (default: %(default)s)")
-    a.add_argument("--batch-size", type=int, help="(layer, step) rows per pass; lower it if memory runs out "
-                   "(default: all rows of a prompt at once)")
+    a.add_argument("--batch-size", type=int, help="rows per pass (one row = prompt x answer token x layer x step; a "
+                   "fact's prompts share passes); lower it if memory runs out (default: all rows of a fact at once)")
     s = p.add_argument_group("controls and statistics")
     s.add_argument("--seed", type=int, default=Options.seed,
                    help="seed for random controls, permutations, bootstrap (default: %(default)s)")

@@ -8,6 +8,7 @@ cache classes, whose API changes between releases) and checked against the model
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +18,13 @@ from torch import Tensor, nn
 
 @dataclass
 class Prefix:
-    """The clean prompt as seen from its last position (T = prompt length).
+    """P clean prompts as seen from their last positions (prompt p has T_p tokens).
 
-    states: per-layer state that `step` needs from positions < T-1 (architecture-specific).
-    resid:  (n_layers, d_model) residual stream that layer l's output projection is added to, at position T-1.
-    acts:   (n_layers, width) neuron activations at position T-1.
-    logits: (vocab,) the model's next-token logits at position T-1.
+    states: per layer, the state that `pre_neurons` needs from the positions before the last, stacked over the
+            P prompts (architecture-specific; see `Adapter.stack_states`).
+    resid:  (P, n_layers, d_model) residual stream that layer l's output projection is added to, at T_p - 1.
+    acts:   (P, n_layers, width) neuron activations at position T_p - 1.
+    logits: (P, vocab) the model's next-token logits at position T_p - 1.
     """
 
     states: list[Any]
@@ -54,16 +56,28 @@ class Adapter:
         raise NotImplementedError
 
     def layer_state(self, layer: int, x: Tensor) -> Any:
-        """State for `pre_neurons` from the block inputs x (T-1, d_model) of the positions before the last."""
+        """State for `pre_neurons` from the block inputs x (T-1, d_model) of the positions before the last.
+
+        A dataclass of tensors with a leading prompt dimension of 1 (see `stack_states`).
+        """
         raise NotImplementedError
 
-    def pre_neurons(self, layer: int, h: Tensor, state: Any) -> tuple[Tensor, Tensor]:
+    def pre_neurons(self, layer: int, h: Tensor, state: Any, index: Tensor) -> tuple[Tensor, Tensor]:
         """Run the last token through block `layer` up to its neurons, for a batch of rows.
 
-        h: (rows, d_model) block input at position T-1. Returns (resid (rows, d_model), acts (rows, width)):
+        h: (rows, d_model) block input at the last position; state: the layer's states of P prompts;
+        index: (rows,) which prompt each row continues. Returns (resid (rows, d_model), acts (rows, width)):
         the block output is resid + project(layer, acts).
         """
         raise NotImplementedError
+
+    def stack_states(self, states: list[Any]) -> Any:
+        """One layer's states of several prompts -> one state of them all, stacked along the prompt dimension.
+
+        The default concatenates every tensor field; states whose length depends on the prompt override this.
+        """
+        fields = dataclasses.fields(states[0])
+        return type(states[0])(*(torch.cat([getattr(s, f.name) for s in states]) for f in fields))
 
     def final_norm(self) -> nn.Module:
         raise NotImplementedError
@@ -81,14 +95,22 @@ class Adapter:
         """(rows, width) neurons -> (rows, d_model) contribution to the residual stream."""
         return self.neuron_module(layer)(acts)
 
-    def step(self, layer: int, h: Tensor, state: Any) -> Tensor:
-        """(rows, d_model) block input at the last position -> (rows, d_model) block output."""
-        resid, acts = self.pre_neurons(layer, h, state)
+    def step(self, layer: int, h: Tensor, state: Any, index: Tensor) -> Tensor:
+        """(rows, d_model) block input at the last position -> (rows, d_model) block output (see `pre_neurons`)."""
+        resid, acts = self.pre_neurons(layer, h, state, index)
         return resid + self.project(layer, acts)
 
     def head(self, h: Tensor) -> Tensor:
         """(rows, d_model) last block output -> (rows, vocab) logits."""
         return self.model.get_output_embeddings()(self.final_norm()(h))
+
+    def answer_probability(self, h: Tensor, target: Tensor) -> Tensor:
+        """(rows, d_model) last block output, (rows,) token ids -> (rows,) softmax probability of each target.
+
+        Same value as head(h).softmax(-1)[r, target[r]], with a cheaper backward (see `TargetProbability`).
+        """
+        out = self.model.get_output_embeddings()
+        return TargetProbability.apply(self.final_norm()(h), out.weight, out.bias, target)
 
     def block_io(self, input_ids: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
         """One clean forward of the real model. input_ids: (T,).
@@ -113,23 +135,29 @@ class Adapter:
         return inputs, outputs[-1], logits
 
     def prefix(self, input_ids: Tensor) -> Prefix:
-        """Per-layer prefix state, last-position residuals and activations of a clean prompt (T,).
+        """Per-layer prefix state, last-position residuals and activations of one clean prompt (T,); P = 1.
 
         The last position is recomputed with `step` from the real model's block inputs; a mismatch with the
         real forward means this adapter does not cover the model's configuration, and is an error.
         """
         inputs, last_out, logits = self.block_io(input_ids)
         states, resid, acts = [], [], []
+        index = torch.zeros(1, dtype=torch.long, device=self.device)
         with torch.no_grad():
             for layer, x in enumerate(inputs):
                 state = self.layer_state(layer, x[:-1])
-                r, a = self.pre_neurons(layer, x[-1:], state)
+                r, a = self.pre_neurons(layer, x[-1:], state, index)
                 states.append(state)
-                resid.append(r[0])
-                acts.append(a[0])
-                expected = inputs[layer + 1][-1] if layer + 1 < self.n_layers else last_out[-1]
-                self._check(layer, r[0] + self.project(layer, a[0]), expected)
-        return Prefix(states, torch.stack(resid), torch.stack(acts), logits[-1])
+                resid.append(r)
+                acts.append(a)
+                expected = inputs[layer + 1][-1:] if layer + 1 < self.n_layers else last_out[-1:]
+                self._check(layer, r + self.project(layer, a), expected)
+        return Prefix(states, torch.stack(resid, 1), torch.stack(acts, 1), logits[-1:])
+
+    def stack(self, prefixes: list[Prefix]) -> Prefix:
+        """The prefixes of several prompts as one (P = the sum of theirs), for rows of all of them in one batch."""
+        states = [self.stack_states([p.states[layer] for p in prefixes]) for layer in range(self.n_layers)]
+        return Prefix(states, *(torch.cat([getattr(p, k) for p in prefixes]) for k in ("resid", "acts", "logits")))
 
     def _check(self, layer: int, ours: Tensor, theirs: Tensor) -> None:
         tol = (1e-6 if self.dtype == torch.float64 else 1e-4) * (1.0 + theirs.abs().max().item())
@@ -141,3 +169,33 @@ class Adapter:
             )
 
 
+
+
+class TargetProbability(torch.autograd.Function):
+    """p[r] = softmax(x[r] @ W.T + b)[target[r]]: the probability of one token per row, over the full vocabulary.
+
+    x (rows, d_model) normed last hidden state, W (vocab, d_model) output embedding, b (vocab,) or None.
+    No autograd through the softmax: dp/dlogits = p (e_target - P), so dp/dx = p (W[target] - P @ W), and
+    P @ W does not depend on the incoming gradient: the forward computes it, `CHUNK` rows at a time, and keeps
+    only that (rows, d_model) product instead of the (rows, vocab) probabilities. Gradients flow to x only
+    (W and b are weights; attribution never asks for theirs).
+    """
+
+    CHUNK = 256  # rows per (rows, vocab) buffer
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> Tensor:
+        p, expected = x.new_empty(len(x)), torch.empty_like(x)  # (rows,), (rows, d_model) = P @ W
+        for start in range(0, len(x), TargetProbability.CHUNK):
+            rows = slice(start, start + TargetProbability.CHUNK)
+            logits = x[rows] @ weight.T if bias is None else torch.addmm(bias, x[rows], weight.T)  # (n, vocab)
+            probs = torch.softmax(logits, dim=-1)
+            p[rows] = probs.gather(1, target[rows, None])[:, 0]
+            torch.mm(probs, weight, out=expected[rows])
+        ctx.save_for_backward(weight[target] - expected, p)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        direction, p = ctx.saved_tensors  # (rows, d_model) W[target] - P @ W, (rows,)
+        return direction * (grad * p)[:, None], None, None, None

@@ -3,21 +3,12 @@ width n_inner (3072 for gpt2)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
 from errors import UserError
+from models.attention import KV, attend, last_position_weights
 from models.base import Adapter
-
-
-@dataclass
-class KV:
-    """GPT-2 keys and values of the positions before the last: (heads, T-1, head_dim) each."""
-
-    k: Tensor
-    v: Tensor
 
 
 class GPT2Adapter(Adapter):
@@ -57,30 +48,28 @@ class GPT2Adapter(Adapter):
 
     def layer_state(self, layer: int, x: Tensor) -> KV:
         _, k, v = self._qkv(layer, x)
-        return KV(k.transpose(0, 1), v.transpose(0, 1))
+        return KV.of(k, v)
 
-    def attention_weights(self, layer: int, q: Tensor, k_self: Tensor, state: KV) -> Tensor:
-        """Softmax weights of the last position over [prefix..., itself]: (rows, heads, T)."""
-        scores_prefix = torch.einsum("rhd,htd->rht", q, state.k)  # (rows, heads, T-1)
-        scores_self = (q * k_self).sum(-1, keepdim=True)  # (rows, heads, 1)
-        scores = torch.cat([scores_prefix, scores_self], dim=-1) * self._scaling(layer)
-        return scores.softmax(dim=-1)
+    def stack_states(self, states: list[KV]) -> KV:
+        return KV.stack(states)
 
     def last_position_attention(self, input_ids: Tensor) -> Tensor:
         """input_ids (T,) -> (n_layers, heads, T): every layer's attention weights of the last position."""
         inputs, _, _ = self.block_io(input_ids)
         rows = []
+        index = torch.zeros(1, dtype=torch.long, device=self.device)
         with torch.no_grad():
             for layer, x in enumerate(inputs):  # x: (T, d_model) block input
                 q, k, _ = self._qkv(layer, x[-1:])  # (1, heads, head_dim) each
-                rows.append(self.attention_weights(layer, q, k, self.layer_state(layer, x[:-1]))[0])
+                state = self.layer_state(layer, x[:-1])
+                rows.append(last_position_weights(q, k, state, index, self._scaling(layer))[0])
         return torch.stack(rows)
 
-    def pre_neurons(self, layer: int, h: Tensor, state: KV) -> tuple[Tensor, Tensor]:
+    def pre_neurons(self, layer: int, h: Tensor, state: KV, index: Tensor) -> tuple[Tensor, Tensor]:
         block = self.layers[layer]
         q, k, v = self._qkv(layer, h)
-        w = self.attention_weights(layer, q, k, state)  # (rows, heads, T)
-        out = torch.einsum("rht,htd->rhd", w[..., :-1], state.v) + w[..., -1:] * v  # (rows, heads, head_dim)
+        w = last_position_weights(q, k, state, index, self._scaling(layer))  # (rows, heads, T_max + 1)
+        out = attend(w, v, state, index)  # (rows, heads, head_dim)
         m = h + block.attn.c_proj(out.reshape(h.shape[0], -1))
         return m, block.mlp.act(block.mlp.c_fc(block.ln_2(m)))
 

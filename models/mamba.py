@@ -14,9 +14,11 @@ from models.ssm import SSMAdapter, SSMInputs
 
 @dataclass
 class ConvSSMState:
-    """Mamba state after position T-2.
+    """Mamba state after position T-2, for P prompts.
 
-    conv: (d_inner, d_conv - 1) the last pre-conv inputs (zeros before the start); ssm: (d_inner, d_state).
+    conv: (P, d_inner) what the causal conv takes from the positions before the last (their d_conv - 1 inputs
+          times the kernel's taps, plus the bias): the last position's conv output is conv + w_last * xs_last.
+    ssm:  (P, d_inner, d_state) the SSM state h_{T-2}.
     """
 
     conv: Tensor
@@ -61,43 +63,46 @@ class MambaAdapter(SSMAdapter):
     def layer_state(self, layer: int, x: Tensor) -> ConvSSMState:
         mixer = self.layers[layer].mixer
         k = mixer.conv_kernel_size
+        taps = mixer.conv1d.weight[:, 0, :-1]  # (d_inner, d_conv - 1): the taps of the previous positions
+        bias = mixer.conv1d.bias if mixer.conv1d.bias is not None else taps.new_zeros(taps.shape[0])
         if not len(x):  # a one-token prompt: nothing before the last position
-            return ConvSSMState(x.new_zeros(mixer.intermediate_size, k - 1), x.new_zeros(mixer.A_log.shape))
+            return ConvSSMState(bias[None].clone(), x.new_zeros(1, *mixer.A_log.shape))
         s = self.ssm_inputs(layer, x)  # (T-1, ...) the positions before the last
         window = torch.cat([s.xs.new_zeros(max(0, k - 1 - len(x)), s.xs.shape[1]), s.xs[-(k - 1) :]]).T
         ssm = s.xs.new_zeros(s.A.shape)
         for t in range(len(x)):  # h_t = Abar_t h_{t-1} + Bbar_t u_t
             ssm = torch.exp(s.dt[t, :, None] * s.A) * ssm + s.dt[t, :, None] * s.B[t] * s.u[t, :, None]
-        return ConvSSMState(window, ssm)
+        return ConvSSMState(((window * taps).sum(-1) + bias)[None], ssm[None])
 
-    def pre_neurons(self, layer: int, h: Tensor, state: ConvSSMState) -> tuple[Tensor, Tensor]:
+    def pre_neurons(self, layer: int, h: Tensor, state: ConvSSMState, index: Tensor) -> tuple[Tensor, Tensor]:
         block = self.layers[layer]
         mixer = block.mixer
         xs, z = mixer.in_proj(block.norm(h)).chunk(2, dim=-1)  # (rows, d_inner)
-        window = torch.cat([state.conv.expand(len(h), -1, -1), xs[..., None]], dim=-1)  # (rows, d_inner, d_conv)
-        u = (window * mixer.conv1d.weight[:, 0]).sum(-1)
-        u = F.silu(u + mixer.conv1d.bias if mixer.conv1d.bias is not None else u)
+        u = F.silu(torch.addcmul(state.conv[index], xs, mixer.conv1d.weight[:, 0, -1]))  # SSM input x
         dt, B, C = self._split(mixer, u)
         # y = C . (Abar h + Bbar u) + D u, without the new state: its input part is Delta u (B . C) per channel
-        y = _DecayedReadout.apply(dt, C, -torch.exp(mixer.A_log), state.ssm)
-        y = y + dt * u * (B * C).sum(-1, keepdim=True) + mixer.D * u  # (rows, d_inner)
+        A = -torch.exp(mixer.A_log.detach())  # a weight: no gradient wanted, whatever the model's requires_grad
+        y = _DecayedReadout.apply(dt, C, A, state.ssm, index)
+        y = y + (dt * (B * C).sum(-1, keepdim=True) + mixer.D) * u  # (rows, d_inner)
         return h, y * F.silu(z)
 
 
 class _DecayedReadout(torch.autograd.Function):
-    """y[r, d] = sum_n C[r, n] exp(Delta[r, d] A[d, n]) h[d, n]: the previous state's part of one SSM step.
+    """y[r, d] = sum_n C[r, n] exp(Delta[r, d] A[d, n]) h[p_r, d, n]: the previous state's part of one SSM step.
 
-    Delta (rows, d_inner), C (rows, d_state), A and h (d_inner, d_state) -> (rows, d_inner). Fused so that a
-    single (rows, d_inner, d_state) tensor is built and kept for the backward pass: these elementwise passes,
-    not the matrix products, dominate a Mamba step for hundreds of rows. Gradients flow to Delta and C only
-    (A is a weight, h a state of the clean prompt).
+    Delta (rows, d_inner), C (rows, d_state), A (d_inner, d_state), h (P, d_inner, d_state) the prompts' states,
+    index (rows,) the prompt p_r of each row -> (rows, d_inner). Fused so that a single (rows, d_inner, d_state)
+    tensor is built and kept for the backward pass: these elementwise passes, not the matrix products, dominate
+    a Mamba step for hundreds of rows. Gradients flow to Delta and C only (A is a weight, h a state of the
+    clean prompt).
     """
 
     @staticmethod
-    def forward(ctx, dt: Tensor, C: Tensor, A: Tensor, h: Tensor) -> Tensor:
+    def forward(ctx, dt: Tensor, C: Tensor, A: Tensor, h: Tensor, index: Tensor) -> Tensor:
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             raise RuntimeError("_DecayedReadout gives no gradient for A or the prefix state")
-        decayed = torch.mul(dt[:, :, None], A).exp_().mul_(h)  # (rows, d_inner, d_state)
+        states = h.expand(len(dt), -1, -1) if len(h) == 1 else h[index]  # one prompt: broadcast, no copy
+        decayed = torch.mul(dt[:, :, None], A).exp_().mul_(states)  # (rows, d_inner, d_state)
         ctx.save_for_backward(C, A, decayed)
         return torch.bmm(decayed, C[:, :, None])[..., 0]
 
@@ -105,7 +110,7 @@ class _DecayedReadout(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         C, A, decayed = ctx.saved_tensors
         grad_C = torch.bmm(grad[:, None, :], decayed)[:, 0]  # (rows, d_state)
-        grad_dt = grad * torch.bmm(decayed * A, C[:, :, None])[..., 0]  # (rows, d_inner)
-        return grad_dt, grad_C, None, None
+        grad_dt = grad * torch.bmm(decayed.mul_(A), C[:, :, None])[..., 0]  # (rows, d_inner); decayed is spent
+        return grad_dt, grad_C, None, None, None
 
 

@@ -22,10 +22,12 @@ from models.ssm import SSMAdapter, SSMInputs
 
 @dataclass
 class Mamba2State:
-    """Mamba-2 state after position T-2.
+    """Mamba-2 state after position T-2, for P prompts.
 
-    conv: (conv_dim, d_conv - 1) the last pre-conv inputs [x, B, C] (zeros before the start).
-    ssm:  (heads, head_dim, d_state) the SSM state h_{T-2}.
+    conv: (P, conv_dim) what the causal conv takes from the positions before the last (their d_conv - 1 inputs
+          [x, B, C] times the kernel's taps, plus the bias): the last position's conv output is
+          conv + w_last * xBC_last.
+    ssm:  (P, heads, head_dim, d_state) the SSM state h_{T-2}.
     """
 
     conv: Tensor
@@ -84,26 +86,39 @@ class Mamba2Adapter(SSMAdapter):
     def layer_state(self, layer: int, x: Tensor) -> Mamba2State:
         mixer = self.layers[layer].mixer
         k, heads, p, n = mixer.conv_kernel_size, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size
+        taps = mixer.conv1d.weight[:, 0, :-1]  # (conv_dim, d_conv - 1): the taps of the previous positions
+        bias = mixer.conv1d.bias if mixer.conv1d.bias is not None else taps.new_zeros(taps.shape[0])
         ssm = x.new_zeros(heads, p, n)
         if not len(x):  # a one-token prompt: nothing before the last position
-            return Mamba2State(x.new_zeros(mixer.conv_dim, k - 1), ssm)
+            return Mamba2State(bias[None].clone(), ssm[None])
         s = self.ssm_inputs(layer, x)  # (T-1, ...) the positions before the last
         window = torch.cat([s.xs.new_zeros(max(0, k - 1 - len(x)), s.xs.shape[1]), s.xs[-(k - 1) :]]).T
         u, B, dt = s.u.unflatten(-1, (heads, p)), self._heads(mixer, s.B), s.dt[..., None, None]
         for t in range(len(x)):  # h_t = exp(Delta_t A) h_{t-1} + Delta_t x_t B_t, per head
             ssm = torch.exp(dt[t] * s.A[:, None]) * ssm + dt[t] * u[t, :, :, None] * B[t, :, None, :]
-        return Mamba2State(window, ssm)
+        return Mamba2State(((window * taps).sum(-1) + bias)[None], ssm[None])
 
-    def pre_neurons(self, layer: int, h: Tensor, state: Mamba2State) -> tuple[Tensor, Tensor]:
+    def pre_neurons(self, layer: int, h: Tensor, state: Mamba2State, index: Tensor) -> tuple[Tensor, Tensor]:
         mixer = self.layers[layer].mixer
         heads, p = mixer.num_heads, mixer.head_dim
         z, xbc, dt = self._in_proj(layer, h)  # (rows, d_inner), (rows, conv_dim), (rows, heads)
-        window = torch.cat([state.conv.expand(len(h), -1, -1), xbc[..., None]], dim=-1)  # (rows, conv_dim, d_conv)
-        conv = (window * mixer.conv1d.weight[:, 0]).sum(-1)
-        x, B, C, dt = self._split(mixer, conv + mixer.conv1d.bias if mixer.conv1d.bias is not None else conv, dt)
+        conv = torch.addcmul(state.conv[index], xbc, mixer.conv1d.weight[:, 0, -1])  # (rows, conv_dim)
+        x, B, C, dt = self._split(mixer, conv, dt)
         B, C, x = self._heads(mixer, B), self._heads(mixer, C), x.unflatten(-1, (heads, p))  # per head
-        A = -torch.exp(mixer.A_log)  # (heads,)
+        A = -torch.exp(mixer.A_log.detach())  # (heads,) a weight: no gradient wanted
         # y = C . (exp(Delta A) h + Delta x B) + D x; A is a scalar per head, so the decay factors out of C . h
-        readout = torch.einsum("rhn,hpn->rhp", C, state.ssm)  # (rows, heads, head_dim)
-        y = torch.exp(dt * A)[..., None] * readout + (dt * (B * C).sum(-1))[..., None] * x + mixer.D[:, None] * x
+        y = torch.exp(dt * A)[..., None] * _readout(C, state.ssm, index)
+        y = y + (dt * (B * C).sum(-1) + mixer.D)[..., None] * x  # (rows, heads, head_dim)
         return h, mixer.norm(y.flatten(-2), z)
+
+
+def _readout(C: Tensor, ssm: Tensor, index: Tensor) -> Tensor:
+    """C (rows, heads, d_state), the prompts' states ssm (P, heads, head_dim, d_state), index (rows,) ->
+    (rows, heads, head_dim) = C_r . h[index_r]: one product per prompt over its rows, never a copy of the state
+    per row (a (rows, d_inner, d_state) tensor)."""
+    if len(ssm) == 1:
+        return torch.einsum("rhn,hpn->rhp", C, ssm[0])
+    order = torch.argsort(index, stable=True)  # rows grouped by prompt
+    counts = torch.bincount(index, minlength=len(ssm)).tolist()
+    parts = [torch.einsum("rhn,hpn->rhp", c, h) for c, h in zip(C[order].split(counts), ssm, strict=True)]
+    return torch.cat(parts)[torch.argsort(order)]

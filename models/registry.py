@@ -8,11 +8,13 @@ from errors import UserError
 from models.base import Adapter
 from models.falcon_mamba import FalconMambaAdapter
 from models.gpt2 import GPT2Adapter
+from models.gpt_neox import GPTNeoXAdapter
 from models.mamba import MambaAdapter
 from models.mamba2 import Mamba2Adapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     "gpt2": GPT2Adapter,
+    "gpt_neox": GPTNeoXAdapter,
     "mamba": MambaAdapter,
     "falcon_mamba": FalconMambaAdapter,
     "mamba2": Mamba2Adapter,

@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random GPT-2, Mamba, Mamba-2 and Falcon-Mamba models, saved and loaded back through the
-project's loader."""
+"""Shared fixtures: tiny random GPT-2, GPT-NeoX, Mamba, Mamba-2 and Falcon-Mamba models, saved and loaded back
+through the project's loader."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from transformers import (
     FalconMambaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     Mamba2Config,
     Mamba2ForCausalLM,
     MambaConfig,
@@ -63,6 +65,18 @@ def tiny_mamba(tmp_path_factory):
     return _save_and_load(MambaForCausalLM(cfg), folder)
 
 
+@pytest.fixture(scope="session")
+def tiny_neox(tmp_path_factory):
+    """(model, tokenizer): GPT-NeoX (Pythia's architecture), 3 layers, hidden 32, 64 neurons a layer, rotary on
+    half of each head's dimensions, parallel residual."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_neox")
+    cfg = GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, rotary_pct=0.5, vocab_size=300, initializer_range=0.2,
+                        bos_token_id=0, eos_token_id=0)
+    return _save_and_load(GPTNeoXForCausalLM(cfg), folder)
+
+
 def tiny_mamba2_config(**overrides) -> Mamba2Config:
     """3 layers, hidden 32, d_inner 64 = 8 heads x head_dim 8 in 2 groups, d_state 8, chunks of 4 positions (so
     that prompts span several chunks of transformers' SSD scan), conv bias."""
@@ -89,7 +103,7 @@ def tiny_falcon_mamba(tmp_path_factory):
     return _save_and_load(FalconMambaForCausalLM(cfg), folder)
 
 
-@pytest.fixture(scope="session", params=["gpt2", "mamba", "mamba2", "falcon_mamba"])
+@pytest.fixture(scope="session", params=["gpt2", "mamba", "neox", "mamba2", "falcon_mamba"])
 def tiny_model(request):
     """Every tiny model, one after the other."""
     return request.getfixturevalue(f"tiny_{request.param}")

@@ -255,7 +255,7 @@ def test_mamba_attention_analysis(ssm_analysis):
             assert len(p["tokens"]) == T and len(p["hidden_attention"]) == 3
             for masses in p["hidden_attention"]:
                 assert sum(masses.values()) == pytest.approx(1.0)
-            acts = adapter.prefix(torch.tensor(p["token_ids"])).acts  # the adapter's own neurons, (layers, width)
+            acts = adapter.prefix(torch.tensor(p["token_ids"])).acts[0]  # the adapter's own neurons, (layers, width)
             for r in p["neurons"]:
                 records += 1
                 assert len(r["contributions"]) == T

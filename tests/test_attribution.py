@@ -32,6 +32,23 @@ def test_fast_equals_reference(tiny_model, ig_method):
     assert torch.allclose(fast.probs, ref.probs, rtol=1e-5)
 
 
+def test_attribute_many_equals_one_at_a_time(tiny_model):
+    """Prompts of different lengths (one of a single token) and answers of several tokens in one batch."""
+    kn = KnowledgeNeurons(*tiny_model)
+    one_token = kn.tokenizer.decode(kn.tokenizer("The")["input_ids"][:1])
+    items = [(PROMPT, ANSWER), ("The capital of France is", "Paris"), (one_token, "Paris"),
+             ("The Eiffel Tower is located in the city of", "Paris")]
+    alone = [kn.attribute_detailed(p, a, steps=5, ig_method="riemann_trapezoid") for p, a in items]
+    for batch_size in (None, 7):
+        together = kn.attribute_many(items, steps=5, ig_method="riemann_trapezoid", batch_size=batch_size)
+        assert len(together) == len(items)
+        for a, b in zip(alone, together, strict=True):
+            assert (a.prompt_ids, a.answer_ids) == (b.prompt_ids, b.answer_ids)
+            assert rel_diff(b.scores, a.scores) <= 1e-5
+            assert torch.allclose(b.delta, a.delta, atol=1e-6)
+            assert torch.allclose(b.probs, a.probs, rtol=1e-5)
+
+
 def test_one_token_prompt(tiny_model):
     """No position before the answer position: the prefix state is empty (zeros)."""
     kn = KnowledgeNeurons(*tiny_model)
@@ -150,14 +167,31 @@ def test_neuron_methods_threshold_the_scores(tiny_mamba):
     assert refined  # the tiny model shares some neurons across these paraphrases
 
 
-def test_model_in_training_mode_is_switched_to_eval(tiny_gpt2):
+def test_model_in_training_mode_is_attributed_in_eval_mode_and_left_as_it_was(tiny_gpt2):
     model, tok = tiny_gpt2
     assert model.config.resid_pdrop > 0  # dropout would make the scores random
     expected = KnowledgeNeurons(model, tok).attribute(PROMPT, "Paris", steps=4)
     model.train()
-    kn = KnowledgeNeurons(model, tok)
-    assert not model.training
-    assert torch.equal(kn.attribute(PROMPT, "Paris", steps=4), expected)
+    try:
+        kn = KnowledgeNeurons(model, tok)
+        assert torch.equal(kn.attribute(PROMPT, "Paris", steps=4), expected)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_models_as_users_load_them(tmp_path, tiny_model):
+    """Weights loaded with from_pretrained require grad: attribution works and leaves the model as it was."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = tiny_model
+    model.save_pretrained(tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(p.requires_grad for p in theirs.parameters())
+    expected = KnowledgeNeurons(model, tok).attribute(PROMPT, ANSWER, steps=4)
+    got = KnowledgeNeurons(theirs, tok).attribute(PROMPT, ANSWER, steps=4)
+    assert rel_diff(got, expected) <= 1e-6
+    assert all(p.requires_grad and p.grad is None for p in theirs.parameters())
 
 
 def test_bad_inputs_are_user_errors(tiny_gpt2):
@@ -180,13 +214,25 @@ def test_non_finite_scores_name_the_fact(tiny_gpt2):
 
 
 def test_unsupported_architecture_is_a_user_error():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = GPTNeoXConfig(
-        num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50
-    )
-    with pytest.raises(UserError, match="gpt_neox"):
-        KnowledgeNeurons(GPTNeoXForCausalLM(cfg), tokenizer=None)
+    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50)
+    with pytest.raises(UserError, match="llama"):
+        KnowledgeNeurons(LlamaForCausalLM(cfg), tokenizer=None)
+
+
+def test_gpt_neox_without_parallel_residual(tiny_neox):
+    """Pythia uses the parallel residual; the sequential variant (m = x + attn, m + mlp(m)) is covered too."""
+    from transformers import GPTNeoXForCausalLM
+
+    model, tok = tiny_neox
+    torch.manual_seed(1)
+    config = model.config.__class__(**{**model.config.to_dict(), "use_parallel_residual": False})
+    sequential = GPTNeoXForCausalLM(config)
+    kn = KnowledgeNeurons(sequential.eval(), tok)
+    fast = kn.attribute(PROMPT, ANSWER, steps=5)
+    ref = kn.attribute(PROMPT, ANSWER, steps=5, method="reference")
+    assert rel_diff(fast, ref) <= 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

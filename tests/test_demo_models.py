@@ -14,6 +14,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import demo_models as dm
+from errors import UserError
 from facts import FACTS, facts_hash
 from models import adapter_for, load_model
 from tokens import subject_positions
@@ -27,7 +28,7 @@ def _no_training(*args, **kwargs):
     raise _NoTraining("ensure_demo_models tried to train a model")
 
 
-@pytest.mark.parametrize("arch", dm.ARCHS)
+@pytest.mark.parametrize("arch", dm.DEFAULT_ARCHS)
 def test_demo_model_knows_the_facts_after_loading(demo_models, arch):
     folder = demo_models[arch]
     assert folder.is_dir() and folder.name == dm.demo_key(arch, FACTS)
@@ -47,6 +48,22 @@ def test_demo_model_knows_the_facts_after_loading(demo_models, arch):
     assert info["training_seconds"] > 0
 
 
+@pytest.mark.parametrize("arch", [a for a in dm.ARCHS if a not in dm.DEFAULT_ARCHS])
+def test_demo_model_of_every_other_architecture(tmp_path, arch):
+    """Pythia's GPT-NeoX, Falcon-Mamba and Mamba-2 demo models, trained on a few facts, know them and load."""
+    facts = FACTS[:6]
+    folder = dm.ensure_demo_models(facts, cache_dir=tmp_path, progress=False, archs=[arch])[arch]
+    model, tokenizer = load_model(str(folder))
+    assert model.config.model_type == arch
+    assert adapter_for(model).n_layers == dm.DEMO_SETTINGS[arch]["num_hidden_layers"]
+    assert dm.demo_accuracy(model, tokenizer, facts) >= dm.MIN_ACCURACY
+
+
+def test_unknown_demo_architecture_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no demo model for llama"):
+        dm.ensure_demo_models(FACTS, cache_dir=tmp_path, progress=False, archs=["llama"])
+
+
 def test_demo_accuracy_can_fail(demo_models):
     """demo_accuracy is not vacuous: the gpt2 demo model does not know facts with other answers."""
     model, tokenizer = load_model(str(demo_models["gpt2"]))
@@ -61,7 +78,7 @@ def test_second_call_reuses_the_cache_without_training(demo_models, monkeypatch,
     with caplog.at_level(logging.INFO, logger="demo_models"):
         again = dm.ensure_demo_models(FACTS, cache_dir=cache, progress=False)
     assert again == demo_models
-    assert sum("reusing cached demo model" in r.getMessage() for r in caplog.records) == len(dm.ARCHS)
+    assert sum("reusing cached demo model" in r.getMessage() for r in caplog.records) == len(dm.DEFAULT_ARCHS)
 
 
 def test_incomplete_folder_is_rebuilt_not_reused(tmp_path, monkeypatch):
@@ -98,7 +115,7 @@ def test_key_follows_facts_settings_and_versions(monkeypatch):
         dm.demo_key("llama", FACTS)
 
 
-@pytest.mark.parametrize("arch", dm.ARCHS)
+@pytest.mark.parametrize("arch", dm.DEFAULT_ARCHS)
 def test_tokenizer_round_trip(demo_models, arch):
     _, tokenizer = load_model(str(demo_models[arch]))
     assert 300 <= len(tokenizer) <= 700

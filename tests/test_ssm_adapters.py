@@ -18,7 +18,7 @@ def test_mamba2_time_step_limit_is_applied(dtype):
     adapter = adapter_for(model.to(dtype))
     for T in (1, 2, 4, 5, 11):  # within one chunk of 4, at its edge, across several
         prefix = adapter.prefix(torch.randint(0, 300, (T,)))  # raises if a layer differs from the forward
-        assert prefix.acts.dtype == dtype and prefix.acts.shape == (3, 64)
+        assert prefix.acts.dtype == dtype and prefix.acts.shape == (1, 3, 64)
     x = adapter.block_io(torch.randint(0, 300, (20,)))[0][1]
     dt = adapter.ssm_inputs(1, x).dt  # (T, heads)
     assert dt.shape == (20, 8)

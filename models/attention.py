@@ -1,0 +1,68 @@
+"""Causal self-attention of the last position over a cached prefix: shared by the transformer adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class KV:
+    """Keys and values of the positions before the last, for P prompts padded to the longest.
+
+    k, v: (P, heads, T_max, head_dim); valid: (P, T_max), False where a shorter prompt is padded;
+    position: (P,) the last position's index T_p - 1 (for rotary embeddings).
+    """
+
+    k: Tensor
+    v: Tensor
+    valid: Tensor
+    position: Tensor
+
+    @staticmethod
+    def of(k: Tensor, v: Tensor) -> KV:
+        """One prompt's keys and values (T-1, heads, head_dim) each -> a KV with P = 1."""
+        valid = torch.ones(1, k.shape[0], dtype=torch.bool, device=k.device)
+        position = torch.full((1,), k.shape[0], dtype=torch.long, device=k.device)
+        return KV(k.transpose(0, 1)[None], v.transpose(0, 1)[None], valid, position)
+
+    @staticmethod
+    def stack(states: list[KV]) -> KV:
+        """Several prompts' KVs padded (at the end) to the longest prefix."""
+        longest = max(s.k.shape[2] for s in states)
+
+        def pad(t: Tensor, value) -> Tensor:  # pad dim 2 (k, v) or dim 1 (valid) up to `longest`
+            dim = 2 if t.dim() == 4 else 1
+            missing = longest - t.shape[dim]
+            return F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (0, missing), value=value) if missing else t
+
+        return KV(*(torch.cat([pad(getattr(s, f), 0 if f != "valid" else False) for s in states])
+                    for f in ("k", "v", "valid")), torch.cat([s.position for s in states]))
+
+
+def last_position_weights(q: Tensor, k_self: Tensor, state: KV, index: Tensor, scale: float) -> Tensor:
+    """Softmax weights of the last position over [its prompt's prefix..., itself]: (rows, heads, T_max + 1).
+
+    q, k_self: (rows, heads, head_dim); index: (rows,) the prompt of each row; padded positions weigh 0. The
+    scores against every prompt's keys are computed and the row's own picked (P x the attention's small cost),
+    so no (rows, heads, T_max, head_dim) copy of the keys is made.
+    """
+    rows = torch.arange(len(q), device=q.device)
+    scores_prefix = torch.einsum("rhd,phtd->rpht", q, state.k)[rows, index]  # (rows, heads, T_max)
+    scores_prefix = scores_prefix.masked_fill(~state.valid[index][:, None, :], -torch.inf)
+    scores_self = (q * k_self).sum(-1, keepdim=True)  # (rows, heads, 1)
+    return (torch.cat([scores_prefix, scores_self], dim=-1) * scale).softmax(dim=-1)
+
+
+def attend(weights: Tensor, v_self: Tensor, state: KV, index: Tensor) -> Tensor:
+    """(rows, heads, T_max + 1) weights, (rows, heads, head_dim) own value -> (rows, heads, head_dim) output.
+
+    The prefix weights are spread over a one-hot prompt axis (rows, P, heads, T_max), again instead of copying
+    each row's values.
+    """
+    onehot = F.one_hot(index, len(state.v)).to(weights.dtype)  # (rows, P)
+    spread = onehot[:, :, None, None] * weights[:, None, :, :-1]  # (rows, P, heads, T_max)
+    return torch.einsum("rpht,phtd->rhd", spread, state.v) + weights[..., -1:] * v_self
