@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+import distributed
 from analysis import BASELINES, Options
 from errors import UserError
 from facts import FACTS, Fact, load_facts, select_facts
@@ -116,24 +117,31 @@ def load_facts_option(args: argparse.Namespace) -> list[Fact]:
 def run(args: argparse.Namespace) -> None:
     import pipeline
 
+    distributed.init(args.device, args.baseline)  # under torchrun: join the other ranks
     torch.manual_seed(args.seed)
     facts = load_facts_option(args)
-    names = model_names(args, facts)
+    with distributed.local_rank_zero_first():  # --demo builds its models once per host
+        names = model_names(args, facts)
     getattr(pipeline, f"run_{args.mode}")(args, facts, names)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.quiet = args.quiet or not distributed.is_main()  # under torchrun only rank 0 shows progress
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         run(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        line = distributed.error_line(exc)  # under torchrun: rank 0 reports an error every rank shares
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished facts are kept in {Path(args.out) / '.kn_cache'}; run again to resume",
               file=sys.stderr)
         return 130
+    finally:
+        distributed.close()
     return 0
 
 
