@@ -7,8 +7,9 @@
 torchrun starts WORLD_SIZE processes ("ranks") and tells each its RANK and LOCAL_RANK. Every rank loads the
 models and facts itself and computes the same plan: the facts split into shares of equal work. A rank
 attributes its share with `analysis.find_knowledge_neurons`, which caches each finished fact under its own
-<out>/.kn_cache, and sends the results to rank 0 over the process group (gloo on CPU; nccl on CUDA, each rank
-on cuda:LOCAL_RANK), so no shared filesystem is needed. Rank 0 puts the facts back in their order, writes
+<out>/.kn_cache, and sends the results to rank 0 over the process group (gloo on CPU; on CUDA, each rank on
+cuda:LOCAL_RANK, nccl for CUDA tensors and gloo for the results, which are Python objects in host memory),
+so no shared filesystem is needed. Rank 0 puts the facts back in their order, writes
 every file and runs the later stages alone; the other ranks stop after the knowledge stage.
 
 Progress travels through counters in the process group's key-value store; a failure travels through the
@@ -28,6 +29,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CHUNKS_PER_RANK = 20  # a share is attributed in about this many calls; progress and early stops come between them
 POLL_SECONDS = 0.2
+WAIT_LIMIT = timedelta(hours=12)  # the longest a rank waits in a collective, e.g. while rank 0 writes large files
 _stages = itertools.count()  # the n-th sharded stage of this run (the same on every rank): names its store keys
 _failed_together = False  # every rank stopped on the same error, which rank 0 reports
 
@@ -88,16 +91,10 @@ def init(device: str, baseline: str) -> None:
         torch.cuda.set_device(local_rank())  # "cuda" now means this rank's GPU, for the models too
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets it to 1 with several ranks a host; else share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    backend = "nccl" if target.type == "cuda" else "gloo"
-    dist.init_process_group(backend)
+    # CUDA tensors would go over nccl; the results are Python objects in host memory and travel over gloo
+    backend = "cpu:gloo,cuda:nccl" if target.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=WAIT_LIMIT)
     log.info("torchrun: %d ranks, %s, %d torch threads each", world_size(), backend, torch.get_num_threads())
-
-
-def _barrier() -> None:
-    if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[local_rank()])
-    else:
-        dist.barrier()
 
 
 @contextlib.contextmanager
@@ -107,10 +104,10 @@ def local_rank_zero_first() -> Iterator[None]:
         yield
         return
     if local_rank() != 0:
-        _barrier()
+        dist.barrier()
     yield
     if local_rank() == 0:
-        _barrier()
+        dist.barrier()
 
 
 def close() -> None:
@@ -118,7 +115,7 @@ def close() -> None:
     if not dist.is_initialized():
         return
     if _failed_together:
-        _barrier()
+        dist.barrier()
     dist.destroy_process_group()
 
 
@@ -179,10 +176,20 @@ def shard_and_gather(
 
     In one process it is just called. Under torchrun each rank calls it on its share, chunk by chunk, and
     rank 0 returns the whole ModelResult with the facts in their order; the other ranks return None. If a
-    rank fails, every rank raises RankFailed naming it and the cause, so rank 0 writes nothing.
+    rank fails, every rank raises RankFailed naming it and the cause, so rank 0 writes nothing. Rank 0 logs
+    the stage's throughput in prompts per second.
     """
-    if not enabled():
-        return attribute(list(facts), progress=progress)
+    start = time.perf_counter()
+    result = _sharded(attribute, kn, facts, progress) if enabled() else attribute(list(facts), progress=progress)
+    if result is not None:
+        seconds = time.perf_counter() - start
+        n_prompts = sum(len(f.prompts) for f in facts)
+        log.info("knowledge neurons %s: %d prompts of %d facts in %.1f s on %d rank(s): %.3f prompts/s",
+                 result.architecture, n_prompts, len(facts), seconds, world_size(), n_prompts / seconds)
+    return result
+
+
+def _sharded(attribute, kn: KnowledgeNeurons, facts: Sequence[Fact], progress: bool) -> ModelResult | None:
     _same_everywhere(kn, facts)
     stage = next(_stages)
     store = dist.distributed_c10d._get_default_store()
@@ -190,7 +197,6 @@ def shard_and_gather(
     mine = shard(fact_work(kn.tokenizer, facts), world_size())[rank()]
     bar = tqdm(total=len(facts), unit="fact", disable=not (progress and is_main()),
                desc=f"knowledge neurons {kn.model.config.model_type} ({world_size()} ranks)")
-    start = time.perf_counter()
     outcome = _attribute_share(attribute, facts, mine, store, keys, bar)
     store.add(keys["ranks_done"], 1)
     while store.add(keys["ranks_done"], 0) < world_size():  # wait here, not in the gather, which has a timeout
@@ -204,13 +210,7 @@ def shard_and_gather(
     dist.broadcast_object_list(failure, src=0)
     if failure[0] is not None:
         _fail_together(failure[0])
-    if not is_main():
-        return None
-    seconds = time.perf_counter() - start
-    n_prompts = sum(len(f.prompts) for f in facts)
-    log.info("%d facts (%d prompts) on %d ranks in %.1f s: %.2f prompts/s", len(facts), n_prompts, world_size(),
-             seconds, n_prompts / seconds)
-    return _merge(gathered, len(facts))
+    return _merge(gathered, len(facts)) if is_main() else None
 
 
 def _same_everywhere(kn: KnowledgeNeurons, facts: Sequence[Fact]) -> None:

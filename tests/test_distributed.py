@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import distributed
+from analysis import ModelResult, Options
 from errors import UserError
 from facts import FACTS, relations
 from main import main
@@ -85,9 +86,10 @@ def test_fact_work_counts_prompt_answer_tokens(tiny_gpt2):
 
 def test_one_process_calls_the_attribution_directly(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = ModelResult("m", "gpt2", "site", 1, 1, Options(), [])
     calls = []
-    assert distributed.shard_and_gather(lambda facts, progress: calls.append((facts, progress)) or "r", None,
-                                        FACTS[:2], progress=False) == "r"
+    assert distributed.shard_and_gather(lambda facts, progress: calls.append((facts, progress)) or result, None,
+                                        FACTS[:2], progress=False) is result
     assert calls == [(list(FACTS[:2]), False)]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from errors import UserError
 from facts import FACTS, Fact, relations, select_facts, validate_facts
-from main import build_parser, load_facts_option
+from main import build_parser, load_facts_option, main
 from pararel import load_pararel, template
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pararel"
@@ -169,3 +170,16 @@ def test_max_prompts_keeps_the_first_ones():
 def test_bad_selection_options(kwargs, message):
     with pytest.raises(UserError, match=message):
         select_facts(FACTS, **kwargs)
+
+
+def test_knowledge_mode_on_a_pararel_folder(demo_models, tmp_path):
+    out = tmp_path / "out"
+    assert main(["knowledge", "--gpt2-model", str(demo_models["gpt2"]), "--mamba-model", str(demo_models["mamba"]),
+                 "--facts", str(FIXTURE), "--relations", "P36,P19", "--max-facts-per-relation", "1",
+                 "--max-prompts-per-fact", "2", "--steps", "2", "--out", str(out), "-q"]) == 0
+    doc = json.loads((out / "gpt2_knowledge_neurons.json").read_text())
+    expected = select_facts(load_pararel(FIXTURE), max_facts_per_relation=1, max_prompts_per_fact=2)
+    assert [(f["id"], f["relation"]) for f in doc["facts"]] == [(f.id, f.relation) for f in expected]
+    assert [f["relation"] for f in doc["facts"]] == ["P19", "P36"]
+    assert [[p["prompt"] for p in f["prompts"]] for f in doc["facts"]] == [list(f.prompts) for f in expected]
+    assert doc["arguments"]["relations"] == "P36,P19" and doc["arguments"]["max_facts_per_relation"] == 1
