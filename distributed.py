@@ -1,8 +1,8 @@
 """Running `main.py` under torchrun: the knowledge-neuron stage sharded over processes, GPUs and hosts.
 
     torchrun --standalone --nproc-per-node N main.py knowledge ...            # N ranks on one machine
-    torchrun --nnodes H --node-rank R --nproc-per-node N --rdzv-backend c10d \\
-             --rdzv-endpoint HOST0:29500 main.py knowledge ...                  # on each of H hosts
+    torchrun --nnodes H --node-rank R --nproc-per-node N --master-addr HOST0 \\
+             --master-port 29500 main.py knowledge ...                        # on each host R of H
 
 torchrun starts WORLD_SIZE processes ("ranks") and tells each its RANK and LOCAL_RANK. Every rank loads the
 models and facts itself and computes the same plan: the facts split into shares of equal work. A rank
