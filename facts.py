@@ -1,4 +1,4 @@
-"""Facts to look for: a built-in table and a loader for JSONL files.
+"""Facts to look for: a built-in table, a loader for JSONL files, and a selection of facts and prompts.
 
 A fact is a subject, a relation and an answer, asked as several cloze prompts: each prompt ends
 exactly where the answer begins, so the model's next token should be the (first token of the)
@@ -13,6 +13,7 @@ prompt; no prompt contains the answer or ends in whitespace; the answer has no l
 space before the answer is added when the answer is tokenized).
 """
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -231,3 +232,41 @@ def relations(facts: Sequence[Fact]) -> dict[str, list[Fact]]:
     for fact in facts:
         groups.setdefault(fact.relation, []).append(fact)
     return groups
+
+
+def _draw_key(seed: int, fact: Fact) -> str:
+    """A fact's place in the seeded sample: a hash of the seed and its id, so the input order does not matter."""
+    return hashlib.sha256(f"{seed}:{fact.id}".encode()).hexdigest()
+
+
+def select_facts(
+    facts: Sequence[Fact],
+    relations: Sequence[str] | None = None,
+    max_facts_per_relation: int | None = None,
+    max_prompts_per_fact: int | None = None,
+    seed: int = 0,
+) -> list[Fact]:
+    """The facts of `relations` (all when None), at most `max_facts_per_relation` of each relation (a seeded
+    sample, the same whatever the order of `facts`), each with at most its first `max_prompts_per_fact`
+    prompts (every fact of a relation keeps the same paraphrases). Facts stay in their input order."""
+    available = list(dict.fromkeys(f.relation for f in facts))
+    if relations is not None:
+        unknown = [r for r in relations if r not in available]
+        if unknown or not relations:
+            what = f"unknown relation(s) {', '.join(unknown)}" if unknown else "no relation given"
+            raise UserError(f"--relations: {what}; available: {', '.join(available)}")
+        wanted = set(relations)
+        facts = [f for f in facts if f.relation in wanted]
+    if max_facts_per_relation is not None:
+        if max_facts_per_relation < 1:
+            raise UserError("--max-facts-per-relation must be at least 1")
+        groups: dict[str, list[Fact]] = {}
+        for fact in sorted(facts, key=lambda f: _draw_key(seed, f)):
+            groups.setdefault(fact.relation, []).append(fact)
+        chosen = {f.id for group in groups.values() for f in group[:max_facts_per_relation]}
+        facts = [f for f in facts if f.id in chosen]
+    if max_prompts_per_fact is not None:
+        if max_prompts_per_fact < 2:
+            raise UserError("--max-prompts-per-fact must be at least 2 (a refined neuron needs 2 prompts)")
+        facts = [dataclasses.replace(f, prompts=f.prompts[:max_prompts_per_fact]) for f in facts]
+    return list(facts)

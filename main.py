@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
+import distributed
 from analysis import BASELINES, Options
 from errors import UserError
-from facts import FACTS, Fact, load_facts
+from facts import FACTS, Fact, load_facts, select_facts
 from knowledge_neurons import IG_METHODS
+from pararel import load_pararel
 
 log = logging.getLogger("knowledge_neurons")
 
@@ -50,8 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gpt2-model", metavar="NAME|PATH", help="GPT-2 model: hub name or local folder (default: gpt2)")
     m.add_argument("--mamba-model", metavar="NAME|PATH",
                    help="Mamba model: hub name or local folder (default: state-spaces/mamba-130m-hf)")
-    m.add_argument("--facts", metavar="FILE", help="JSONL fact file, one fact a line: "
-                   '{"id", "relation", "subject", "answer", "prompts": [...]} (default: the built-in table)')
+    m.add_argument("--facts", metavar="FILE|DIR", help="JSONL fact file, one fact a line: "
+                   '{"id", "relation", "subject", "answer", "prompts": [...]}; or a ParaRel folder (the repository, '
+                   "its data folder, or graphs_json/ beside trex_lms_vocab/) (default: the built-in table)")
+    m.add_argument("--relations", metavar="R1,R2", help="only these relations, e.g. P36,P19 (default: all)")
+    m.add_argument("--max-facts-per-relation", type=int, metavar="N",
+                   help="at most N facts of each relation: a sample drawn with --seed (default: all)")
+    m.add_argument("--max-prompts-per-fact", type=int, metavar="K",
+                   help="at most the first K prompts of each fact, K >= 2 (default: all)")
     m.add_argument("--out", metavar="DIR", default=".", help="output folder (default: current directory)")
     m.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto = cuda when available)")
     a = p.add_argument_group("integrated gradients and knowledge neurons")
@@ -95,30 +103,45 @@ def model_names(args: argparse.Namespace, facts) -> dict[str, str]:
 
 
 def load_facts_option(args: argparse.Namespace) -> list[Fact]:
-    return load_facts(args.facts) if args.facts else list(FACTS)
+    """The built-in table, a JSONL file or a ParaRel folder, then --relations / --max-* selection."""
+    if not args.facts:
+        facts = list(FACTS)
+    elif Path(args.facts).is_dir():
+        facts = load_pararel(args.facts)
+    else:
+        facts = load_facts(args.facts)
+    relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations is not None else None
+    return select_facts(facts, relations, args.max_facts_per_relation, args.max_prompts_per_fact, args.seed)
 
 
 def run(args: argparse.Namespace) -> None:
     import pipeline
 
+    distributed.init(args.device, args.baseline)  # under torchrun: join the other ranks
     torch.manual_seed(args.seed)
     facts = load_facts_option(args)
-    names = model_names(args, facts)
+    with distributed.local_rank_zero_first():  # --demo builds its models once per host
+        names = model_names(args, facts)
     getattr(pipeline, f"run_{args.mode}")(args, facts, names)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.quiet = args.quiet or not distributed.is_main()  # under torchrun only rank 0 shows progress
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         run(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        line = distributed.error_line(exc)  # under torchrun: rank 0 reports an error every rank shares
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished facts are kept in {Path(args.out) / '.kn_cache'}; run again to resume",
               file=sys.stderr)
         return 130
+    finally:
+        distributed.close()
     return 0
 
 

@@ -6,8 +6,10 @@ import argparse
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
+import distributed
 from analysis import (
     ModelResult,
     Options,
@@ -62,9 +64,11 @@ def knowledge_stage(
         if model.config.model_type != arch:
             raise UserError(f"--{arch}-model {names[arch]} is a '{model.config.model_type}' model, not {arch}")
         kn = KnowledgeNeurons(model, tokenizer)
-        result = find_knowledge_neurons(
-            kn, facts, options, names[arch], out / ".kn_cache", resume=not args.fresh, progress=not args.quiet
-        )
+        attribute = partial(find_knowledge_neurons, kn, options=options, model_name=names[arch],
+                            cache_dir=out / ".kn_cache", resume=not args.fresh)
+        result = distributed.shard_and_gather(attribute, kn, facts, progress=not args.quiet)
+        if result is None:  # under torchrun, ranks other than 0 only attribute their share
+            continue
         doc = write_knowledge(result, tokenizer, out, f"{arch}_knowledge_neurons", {"arguments": arguments(args)})
         log.info("wrote %s", out / f"{arch}_knowledge_neurons.json")
         done[arch] = Analysed(result, kn, doc)
@@ -73,6 +77,8 @@ def knowledge_stage(
 
 def run_knowledge(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
     done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
+    if not distributed.is_main():
+        return
     print(knowledge_tables({LABELS[a]: d.result for a, d in done.items()}))
 
 
@@ -117,8 +123,10 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
 
 
 def run_attention(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
-    mamba = knowledge_stage(args, facts, names, ("mamba",))["mamba"]
-    doc = attention_stage(args, facts, names, mamba)
+    stage = knowledge_stage(args, facts, names, ("mamba",))
+    if not distributed.is_main():
+        return
+    doc = attention_stage(args, facts, names, stage["mamba"])
     print(attention_table(doc))
 
 
@@ -138,6 +146,8 @@ def relation_statistics(result: ModelResult, args: argparse.Namespace) -> dict:
 def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
     out = Path(args.out)
     done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
+    if not distributed.is_main():  # the later stages run on rank 0 alone
+        return
     attention = attention_stage(args, facts, names, done["mamba"], gpt2_kn=done["gpt2"].kn)
     per_model = {}
     for arch, d in done.items():

@@ -1,0 +1,145 @@
+"""Sharding over torchrun ranks: the work plan, and 2-process gloo runs against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import distributed
+from analysis import ModelResult, Options
+from errors import UserError
+from facts import FACTS, relations
+from main import main
+from tokens import encode
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBSET = [f for facts in list(relations(FACTS).values())[:2] for f in facts[:2]]
+
+
+def _rows(facts) -> list[dict]:
+    return [{"id": f.id, "relation": f.relation, "subject": f.subject, "answer": f.answer,
+             "prompts": list(f.prompts)} for f in facts]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _args(demo_models, facts: Path, out: Path) -> list[str]:
+    return ["knowledge", "--gpt2-model", str(demo_models["gpt2"]), "--mamba-model", str(demo_models["mamba"]),
+            "--facts", str(facts), "--out", str(out), "--steps", "4"]
+
+
+def _torchrun(args: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+           "main.py", *args, "-q"]
+    return subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+
+
+# -----------------------------------------------------------------------------
+# the plan
+
+def _greedy_reference(work, n):
+    """Longest first onto the least-loaded rank, written as plainly as possible."""
+    loads, shares = [0] * n, [[] for _ in range(n)]
+    for i in sorted(range(len(work)), key=lambda i: (-work[i], i)):
+        r = min(range(n), key=lambda r: (loads[r], r))
+        shares[r].append(i)
+        loads[r] += work[i]
+    return [sorted(s) for s in shares]
+
+
+def test_shard_by_hand():
+    # 9 -> r0; 7 -> r1; 5 (index 1) -> r1 (load 7 < 9); 5 (index 4) -> r0; 2 -> r0 (14 vs 12: r1), ...
+    assert distributed.shard([9, 5, 7, 2, 5], 2) == [[0, 4], [1, 2, 3]]  # loads 14 and 14
+    assert distributed.shard([1, 1, 1], 2) == [[0, 2], [1]]  # ties: lower index onto the lower rank
+    assert distributed.shard([4], 3) == [[0], [], []]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_shard_matches_the_plain_greedy_and_balances(n):
+    rng = np.random.default_rng(n)
+    work = [int(w) for w in rng.integers(1, 40, size=60)]
+    shares = distributed.shard(work, n)
+    assert shares == _greedy_reference(work, n)
+    assert sorted(i for s in shares for i in s) == list(range(len(work)))
+    loads = [sum(work[i] for i in s) for s in shares]
+    assert max(loads) - min(loads) <= max(work)  # greedy longest-first: within one item of each other
+
+
+def test_fact_work_counts_prompt_answer_tokens(tiny_gpt2):
+    _, tokenizer = tiny_gpt2
+    work = distributed.fact_work(tokenizer, FACTS)
+    expected = [sum(len(encode(tokenizer, p, f.answer)[1]) for p in f.prompts) for f in FACTS]
+    assert work == expected
+    assert max(work) > min(work)  # multi-token answers cost more
+
+
+def test_one_process_calls_the_attribution_directly(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = ModelResult("m", "gpt2", "site", 1, 1, Options(), [])
+    calls = []
+    assert distributed.shard_and_gather(lambda facts, progress: calls.append((facts, progress)) or result, None,
+                                        FACTS[:2], progress=False) is result
+    assert calls == [(list(FACTS[:2]), False)]
+
+
+def test_error_lines_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.error_line(distributed.RankFailed("rank 1 failed")) is None  # rank 0 reports it
+    assert distributed.error_line(UserError("no model")) == "rank 1: no model"
+    with pytest.raises(UserError, match="--baseline mean"):
+        distributed.init("cpu", "mean")
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.error_line(distributed.RankFailed("rank 1 failed")) == "rank 1 failed"
+
+
+# -----------------------------------------------------------------------------
+# torchrun with 2 gloo ranks
+
+def test_two_ranks_give_the_one_process_results(demo_models, tmp_path):
+    facts = _write(tmp_path / "facts.jsonl", _rows(SUBSET))
+    run = _torchrun(_args(demo_models, facts, tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert main([*_args(demo_models, facts, tmp_path / "one"), "-q"]) == 0
+    for arch in ("gpt2", "mamba"):
+        one = json.loads((tmp_path / "one" / f"{arch}_knowledge_neurons.json").read_text())
+        two = json.loads((tmp_path / "two" / f"{arch}_knowledge_neurons.json").read_text())
+        assert [f["id"] for f in two["facts"]] == [f.id for f in SUBSET]
+        assert sum(f["n_refined"] for f in one["facts"]) > 0
+        for a, b in zip(one["facts"], two["facts"], strict=True):
+            assert [n[:2] for n in a["refined_neurons"]] == [n[:2] for n in b["refined_neurons"]]
+            np.testing.assert_allclose([n[2] for n in a["refined_neurons"]], [n[2] for n in b["refined_neurons"]],
+                                       rtol=0, atol=1e-6)
+        assert one["overlap"] == two["overlap"]  # from the refined sets alone
+        with np.load(tmp_path / "one" / f"{arch}_knowledge_neurons.npz") as x, \
+                np.load(tmp_path / "two" / f"{arch}_knowledge_neurons.npz") as y:
+            assert sorted(x.files) == sorted(y.files)
+            for key in x.files:
+                np.testing.assert_allclose(x[key], y[key], rtol=0, atol=1e-6)
+    # every rank cached its own facts: all of them are in the (here shared) cache
+    assert len(list((tmp_path / "two" / ".kn_cache").rglob("*.pt"))) == 2 * len(SUBSET)
+
+
+def test_a_failing_rank_stops_every_rank_and_writes_nothing(demo_models, tmp_path):
+    long = "Long ago " * 80  # longer than the demo GPT-2's 128 positions: attribution fails on its rank
+    rows = [*_rows(SUBSET), {"id": "too_long", "relation": "capital_of", "subject": "France", "answer": "Paris",
+                             "prompts": [long + "the capital of France is", long + "France's capital is"]}]
+    facts = _write(tmp_path / "facts.jsonl", rows)
+    out = tmp_path / "out"
+    run = _torchrun(_args(demo_models, facts, out))
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, run.stderr[-3000:]
+    assert "failed on too_long: IndexError" in errors[0] and errors[0].startswith("error: rank ")
+    assert not [p for p in out.iterdir() if p.name != ".kn_cache"]
