@@ -50,6 +50,9 @@ class Options:
             raise UserError(f"--baseline {self.baseline}: choose from {', '.join(BASELINES)}")
         if self.baseline == "reference" and not self.baseline_prompt:
             raise UserError("--baseline reference needs --baseline-prompt TEXT (the reference prompt)")
+        if self.baseline != "reference" and self.baseline_prompt is not None:
+            raise UserError(f"--baseline-prompt is used only with --baseline reference (the baseline is "
+                            f"'{self.baseline}'); add --baseline reference or drop --baseline-prompt")
         if not 0 < self.threshold <= 1 or not 0 < self.share <= 1:
             raise UserError("--threshold and --share must lie in (0, 1]")
         if self.steps < 1 or (self.batch_size is not None and self.batch_size < 1):

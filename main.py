@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Mamba model: hub name or local folder (default: state-spaces/mamba-130m-hf)")
     m.add_argument("--facts", metavar="FILE", help="JSONL fact file, one fact a line: "
                    '{"id", "relation", "subject", "answer", "prompts": [...]} (default: the built-in table)')
-    m.add_argument("--out", metavar="DIR", default=".", help="output folder (default: current directory)")
-    m.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto = cuda when available)")
+    m.add_argument("--out", metavar="DIR", default="results", help="output folder (default: %(default)s)")
+    m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto = cuda when available)")
     a = p.add_argument_group("integrated gradients and knowledge neurons")
     a.add_argument("--steps", type=int, default=Options.steps,
                    help="integration steps m (default: %(default)s, as Dai et al.)")
@@ -100,10 +100,13 @@ def load_facts_option(args: argparse.Namespace) -> list[Fact]:
 
 def run(args: argparse.Namespace) -> None:
     import pipeline
+    import preflight
 
+    preflight.check_arguments(args)
     torch.manual_seed(args.seed)
     facts = load_facts_option(args)
     names = model_names(args, facts)
+    preflight.check_models(names, facts, args.baseline_prompt)
     getattr(pipeline, f"run_{args.mode}")(args, facts, names)
 
 
