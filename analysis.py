@@ -159,11 +159,22 @@ class FactCache:
         return self.folder / f"{fact.id}-{hashlib.sha256(content).hexdigest()[:12]}.pt"
 
     def load(self, fact: Fact) -> FactResult | None:
+        """The cached result of `fact`, or None when there is none or its file is damaged (a warning names it;
+        the fact is then recomputed and the file rewritten)."""
         path = self._path(fact)
         if not path.exists():
             return None
-        d = torch.load(path, weights_only=True)
-        return FactResult(fact, d["scores"], d["delta"], d["probs"], d["prompt_ids"], d["answer_ids"])
+        try:
+            d = torch.load(path, weights_only=True)
+            result = FactResult(fact, d["scores"], d["delta"], d["probs"], d["prompt_ids"], d["answer_ids"])
+            counts = {len(result.scores), len(result.delta), len(result.probs), len(result.prompt_ids)}
+            if counts != {len(fact.prompts)}:
+                raise ValueError(f"holds {sorted(counts)} prompts, the fact has {len(fact.prompts)}")
+        except Exception as exc:  # whatever makes the file unreadable, it is recomputed, never used
+            reason = f"{type(exc).__name__}: {str(exc).split('. ')[0]}"  # torch's messages run on for sentences
+            log.warning("damaged cache file %s (%s); recomputing fact %s", path, reason, fact.id)
+            return None
+        return result
 
     def save(self, r: FactResult) -> None:
         buf = io.BytesIO()
