@@ -190,13 +190,16 @@ def find_knowledge_neurons(
     cache_dir: Path | None = None,
     resume: bool = True,
     progress: bool = True,
+    label: str | None = None,
 ) -> ModelResult:
     """Attribute every prompt of every fact; finished facts are saved to `cache_dir` (when given) and, with
-    `resume`, taken from there instead of being recomputed."""
+    `resume`, taken from there instead of being recomputed. `label` ("GPT-2") names the model in the progress
+    bar and log (default: the folder name)."""
+    label = label or Path(model_name).name
     cache = FactCache(cache_dir, model_name, kn.model, options) if cache_dir else None
     baseline = baseline_activations(kn, facts, options)
     results, reused = [], 0
-    for fact in tqdm(facts, desc=f"knowledge neurons {Path(model_name).name}", unit="fact", disable=not progress):
+    for fact in tqdm(facts, desc=f"knowledge neurons {label}", unit="fact", disable=not progress):
         cached = cache.load(fact) if cache and resume else None
         if cached is None:
             cached = attribute_fact(kn, fact, options, baseline)
@@ -206,7 +209,7 @@ def find_knowledge_neurons(
             reused += 1
         results.append(cached)
     if reused:
-        log.info("%s: reused %d of %d facts from %s", model_name, reused, len(facts), cache.folder)
+        log.info("%s: reused %d of %d facts from %s", label, reused, len(facts), cache.folder)
     arch = kn.model.config.model_type
     return ModelResult(model_name, arch, kn.adapter.neuron_site, kn.n_layers, kn.width, options, results)
 

@@ -101,12 +101,16 @@ def load_facts_option(args: argparse.Namespace) -> list[Fact]:
 def run(args: argparse.Namespace) -> None:
     import pipeline
     import preflight
+    from report import demo_caveat
 
     preflight.check_arguments(args)
     torch.manual_seed(args.seed)
     facts = load_facts_option(args)
     names = model_names(args, facts)
     preflight.check_models(names, facts, args.baseline_prompt)
+    caveat = demo_caveat(names)
+    if caveat:
+        log.info("note: %s; the results show the method at work, not what the real models know", caveat)
     getattr(pipeline, f"run_{args.mode}")(args, facts, names)
 
 

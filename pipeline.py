@@ -15,7 +15,8 @@ from analysis import (
     knowledge_tables,
     write_knowledge,
 )
-from attention_neurons import gpt2_subject_attention, mamba_attention_analysis, plot_hidden_attention, plot_subject_flow
+from attention_figures import plot_hidden_attention, plot_subject_flow
+from attention_neurons import gpt2_subject_attention, mamba_attention_analysis
 from errors import UserError
 from facts import Fact
 from figures import plot_interventions, plot_jaccard_matrix, plot_layer_distribution
@@ -23,7 +24,7 @@ from interventions import run_interventions
 from knowledge_neurons import KnowledgeNeurons
 from models import load_model
 from outputs import versions, write_json, write_text
-from report import LABELS, attention_table, comprehensive_report, interventions_table
+from report import LABELS, attention_table, comprehensive_report, demo_caveat, interventions_table
 from statistics_kn import bootstrap_ci, permutation_test
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def knowledge_stage(
             raise UserError(f"--{arch}-model {names[arch]} is a '{model.config.model_type}' model, not {arch}")
         kn = KnowledgeNeurons(model, tokenizer)
         result = find_knowledge_neurons(
-            kn, facts, options, names[arch], out / ".kn_cache", resume=not args.fresh, progress=not args.quiet
+            kn, facts, options, names[arch], out / ".kn_cache", resume=not args.fresh, progress=not args.quiet,
+            label=LABELS[arch],
         )
         doc = write_knowledge(result, tokenizer, out, f"{arch}_knowledge_neurons", {"arguments": arguments(args)})
         log.info("wrote %s", out / f"{arch}_knowledge_neurons.json")
@@ -76,11 +78,13 @@ def run_knowledge(args: argparse.Namespace, facts: Sequence[Fact], names: dict[s
     print(knowledge_tables({LABELS[a]: d.result for a, d in done.items()}))
 
 
-def _attention_figures(model, tokenizer, facts: Sequence[Fact], out: Path, n_layers: int) -> list[str]:
+def _attention_figures(model, tokenizer, facts: Sequence[Fact], out: Path, n_layers: int,
+                       caveat: str | None) -> list[Path]:
     """Channel-averaged hidden-attention maps of each fact's first prompt at four layers across the depth."""
     layers = sorted({round(k * (n_layers - 1) / 3) for k in range(4)})
     return [
-        str(plot_hidden_attention(model, tokenizer, f.prompts[0], layers, out / f"hidden_attention_{f.id}.png"))
+        plot_hidden_attention(model, tokenizer, f.prompts[0], layers, out / f"hidden_attention_{f.id}.png",
+                              subject=f.subject, caveat=caveat)
         for f in facts
     ]
 
@@ -94,12 +98,14 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
     """
     result, kn = mamba.result, mamba.kn
     out = Path(args.out)
-    analysis = mamba_attention_analysis(kn.model, kn.tokenizer, facts, result.refined, progress=not args.quiet)
+    caveat = demo_caveat(names)
+    analysis = mamba_attention_analysis(kn.model, kn.tokenizer, facts, result.refined, progress=not args.quiet,
+                                        label=LABELS["mamba"])
     gpt2_model, gpt2_tokenizer = (gpt2_kn.model, gpt2_kn.tokenizer) if gpt2_kn else load_model(names["gpt2"],
                                                                                              args.device)
     gpt2 = gpt2_subject_attention(gpt2_model, gpt2_tokenizer, facts)
-    figures = _attention_figures(kn.model, kn.tokenizer, facts, out / "figures", kn.n_layers)
-    figures.append(str(plot_subject_flow(analysis, out / "figures" / "subject_flow_by_layer.png", gpt2)))
+    maps = _attention_figures(kn.model, kn.tokenizer, facts, out / "figures", kn.n_layers, caveat)
+    flow = plot_subject_flow(analysis, out / "figures" / "subject_flow_by_layer.png", gpt2, caveat)
     doc = {
         "model": result.name,
         "gpt2_model": names["gpt2"],
@@ -109,10 +115,13 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
         "versions": versions(),
         "hidden_attention": analysis,
         "gpt2_attention": gpt2,
-        "figures": [str(Path(f).relative_to(out)) for f in figures],
+        "figures": {
+            "hidden_attention": [str(f.relative_to(out)) for f in maps],
+            "subject_flow": str(flow.relative_to(out)),
+        },
     }
     write_json(out / "mamba_analysis.json", doc)
-    log.info("wrote %s and %d figures", out / "mamba_analysis.json", len(figures))
+    log.info("wrote %s and %d figures", out / "mamba_analysis.json", len(maps) + 1)
     return doc
 
 
@@ -137,21 +146,24 @@ def relation_statistics(result: ModelResult, args: argparse.Namespace) -> dict:
 
 def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
     out = Path(args.out)
+    caveat = demo_caveat(names)
     done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
     attention = attention_stage(args, facts, names, done["mamba"], gpt2_kn=done["gpt2"].kn)
     per_model = {}
     for arch, d in done.items():
         per_model[arch] = {
             "interventions": run_interventions(d.kn, facts, d.result.refined, args.random_draws, args.seed,
-                                               progress=not args.quiet),
+                                               progress=not args.quiet, label=LABELS[arch]),
             "statistics": relation_statistics(d.result, args),
         }
     results = {LABELS[a]: d.result for a, d in done.items()}
     summaries = {LABELS[a]: m["interventions"]["summary"] for a, m in per_model.items()}
     figures = {
-        "layer_distribution": plot_layer_distribution(results, out / "figures" / "knowledge_neurons_per_layer.png"),
-        "interventions": plot_interventions(summaries, out / "figures" / "interventions.png"),
-        **{f"jaccard_{arch}": plot_jaccard_matrix(d.result, LABELS[arch], out / "figures" / f"jaccard_{arch}.png")
+        "layer_distribution": plot_layer_distribution(results, out / "figures" / "knowledge_neurons_per_layer.png",
+                                                      caveat),
+        "interventions": plot_interventions(summaries, out / "figures" / "interventions.png", caveat),
+        **{f"jaccard_{arch}": plot_jaccard_matrix(d.result, LABELS[arch], out / "figures" / f"jaccard_{arch}.png",
+                                                  caveat)
            for arch, d in done.items()},
     }
     mamba_result = done["mamba"].result
@@ -176,15 +188,15 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
             },
         },
         "files": {
-            "gpt2_knowledge_neurons": "gpt2_knowledge_neurons.json",
-            "mamba_knowledge_neurons": "mamba_knowledge_neurons.json",
+            **{f"{arch}_knowledge_neurons": f"{arch}_knowledge_neurons.json" for arch in done},
+            **{f"{arch}_knowledge_neurons_scores": d.doc["scores_file"] for arch, d in done.items()},
             "mamba_analysis": "mamba_analysis.json",
             "report": "report.md",
-            "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
+            "figures": {**{k: str(v.relative_to(out)) for k, v in figures.items()}, **attention["figures"]},
         },
     }
     write_json(out / "mamba_comprehensive_analysis.json", doc)
-    write_text(out / "report.md", comprehensive_report(doc, results, per_model, attention))
+    write_text(out / "report.md", comprehensive_report(doc, results, per_model, attention, caveat))
     print(knowledge_tables(results))
     print()
     print(interventions_table(summaries))
