@@ -38,7 +38,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausa
 
 from errors import UserError
 from facts import FACTS, Fact, facts_hash
-from models import load_model
+from models import load_model, quiet_kernel_advice
 from tokens import continuation, encode
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,7 @@ def _train(arch: str, facts: Sequence[Fact], progress: bool = True, settings: di
     if inputs.shape[1] + 1 > cfg.get("n_positions", 1 << 30):
         raise UserError(f"a fact prompt is longer than the demo GPT-2's {cfg['n_positions']} positions")
 
+    quiet_kernel_advice(torch.device("cpu"))  # training runs on the CPU, where Mamba's CUDA kernels cannot help
     with _threads(TRAIN_THREADS):
         torch.manual_seed(cfg["seed"])
         model = _new_model(arch, len(tokenizer), tokenizer.eos_token_id, cfg)

@@ -8,9 +8,9 @@ its adapter; `loading.load_model` loads a model and tokenizer from a folder or t
 
 from models.base import Adapter, Prefix
 from models.gpt2 import GPT2Adapter
-from models.loading import load_config, load_model, load_tokenizer, resolve_device
+from models.loading import load_config, load_model, load_tokenizer, quiet_kernel_advice, resolve_device
 from models.mamba import MambaAdapter, SSMInputs
 from models.registry import ADAPTERS, adapter_for
 
 __all__ = ["ADAPTERS", "Adapter", "GPT2Adapter", "MambaAdapter", "Prefix", "SSMInputs", "adapter_for",
-           "load_config", "load_model", "load_tokenizer", "resolve_device"]
+           "load_config", "load_model", "load_tokenizer", "quiet_kernel_advice", "resolve_device"]
