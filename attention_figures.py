@@ -63,7 +63,7 @@ def plot_hidden_attention(model: nn.Module, tokenizer, prompt: str, layers: Sequ
         ax.set_ylabel("query token i")
         ax.set_title(f"layer {layer}")
     fig.colorbar(image, ax=list(axes), shrink=0.8, pad=0.02,
-                 label="mean |α[i, j]| over channels (unitless; one scale for all panels)")
+                 label="mean |α[i, j]| over channels (unitless)\none colour scale for all panels")
     lines = [f"Mamba hidden attention (Ali et al. 2024): {prompt!r}",
              "red labels: subject tokens; red box: the last prompt token, which predicts the answer; ␣ = space"]
     fig.suptitle("\n".join([*lines, *([caveat] if caveat else [])]), fontsize=10)

@@ -124,12 +124,12 @@ def plot_interventions(summaries: dict[str, dict], path: Path, caveat: str | Non
             bars = ax.bar(x + (k - (len(summaries) - 1) / 2) * width, heights, width, yerr=errors, capsize=2,
                           label=label)
             ax.bar_label(bars, labels=["" if np.isnan(h) else f"{h:.3g}" for h in heights], fontsize=7,
-                         padding=2)
+                         padding=3, rotation=90)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(x, [name for _, _, name in CONTROLS], rotation=20, ha="right")
         ax.set_ylabel(f"{ylabel}\n{ERROR_BARS}", fontsize=9)
         ax.set_xlabel("intervention (own fact unless stated)")
-        ax.margins(y=0.12)
+        ax.margins(y=0.2)
         ax.legend(fontsize=8)
     axes[0].set_title("Change of P(answer)", fontsize=10)
     axes[1].set_title("Top-1 prediction changed", fontsize=10)

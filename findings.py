@@ -42,7 +42,7 @@ def knowledge_neurons(label: str, result: ModelResult) -> str:
     empty = sum(not v for v in result.refined.values())
     peak = int(per_layer.argmax())
     upper = per_layer[result.n_layers // 2:].sum() / total
-    none = f"{empty} fact has none" if empty == 1 else f"{empty} facts have none"
+    none = {0: "every fact has some", 1: "1 fact has none"}.get(empty, f"{empty} facts have none")
     return (f"{label}: {total} knowledge neurons over {n_facts} facts ({num(total / n_facts)} per fact; {none}). "
             f"Layer {peak} of 0-{result.n_layers - 1} holds the most ({pct(per_layer[peak] / total)}), and the upper "
             f"half of the layers holds {pct(upper)}.")
@@ -55,13 +55,14 @@ def relations(label: str, stats: dict) -> str:
     if intra is None or inter is None:
         return f"{label}: intra- and inter-relation overlap cannot be compared (no pairs with neurons on one side)."
     means = f"mean Jaccard {num(intra)} within relations vs {num(inter)} across them"
+    test = f"{means}, {p_value(perm)}"
     if intra <= inter:
         return f"{label}: facts of one relation do not share more knowledge neurons than other facts ({means})."
     if perm["p_value"] is not None and perm["p_value"] < SIGNIFICANCE:
-        return f"{label}: facts of one relation share more knowledge neurons than facts of different relations " \
-               f"({means}; {p_value(perm)})."
-    return f"{label}: facts of one relation share slightly more knowledge neurons ({means}), but the difference " \
-           f"is not significant ({p_value(perm)})."
+        return f"{label}: facts of one relation share more knowledge neurons than facts of different relations: " \
+               f"{test}."
+    return f"{label}: facts of one relation share slightly more knowledge neurons, but the difference is not " \
+           f"significant: {test}."
 
 
 def _clean_p(result: ModelResult) -> np.ndarray:
@@ -94,8 +95,8 @@ def interventions(label: str, summary: dict, result: ModelResult) -> list[str]:
         lines.append(
             f"{label}: amplifying (x2) the knowledge neurons lowers P(answer) too ({pct(amp)}). The clean P(answer) "
             f"of these prompts averages {num(float(p.mean()))}, so it could rise by at most {pct(headroom)} "
-            "((1 - P) / P, averaged over prompts); doubling activations moves the model away from the states it "
-            "was trained on, which here costs more than there is to gain."
+            "((1 - P) / P, averaged over prompts), while doubling activations also moves the model away from the "
+            "states it was trained on; here that costs more than there was to gain."
         )
     elif amp is not None:
         lines.append(f"{label}: amplifying (x2) the knowledge neurons raises P(answer) by {pct(amp)}.")

@@ -75,8 +75,8 @@ def _stats_line(label: str, stats: dict) -> str:
     return (
         f"- **{label}**: intra-relation Jaccard {ci(boot['intra_jaccard'])}, inter-relation "
         f"{ci(boot['inter_jaccard'])} (mean, {100 * boot['intra_jaccard']['level']:.0f} % bootstrap CI, "
-        f"{boot['intra_jaccard']['n_boot']} resamples); permutation test of intra > inter: {findings.p_value(perm)} "
-        f"({perm['n_permutations']} relabellings, seed {perm['seed']})."
+        f"{boot['intra_jaccard']['n_boot']} resamples); permutation test of intra > inter "
+        f"({perm['n_permutations']} relabellings, seed {perm['seed']}): {findings.p_value(perm)}."
     )
 
 

@@ -145,7 +145,7 @@ def test_comprehensive_mode(demo_models, tmp_path, capsys, caplog):
     for path in figures:
         assert f"]({path})" in report  # every figure, the hidden-attention maps included, is shown
     assert "tiny demo models trained on these very facts" in report  # the test models are demo models
-    assert "permutation test of intra > inter: p" in report
+    assert "permutation test of intra > inter (50 relabellings, seed 0): p" in report
     assert "tiny demo models trained on these very facts" in caplog.text  # and the console says so
     console = capsys.readouterr()
     assert "Interventions" in console.out
