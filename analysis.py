@@ -50,6 +50,9 @@ class Options:
             raise UserError(f"--baseline {self.baseline}: choose from {', '.join(BASELINES)}")
         if self.baseline == "reference" and not self.baseline_prompt:
             raise UserError("--baseline reference needs --baseline-prompt TEXT (the reference prompt)")
+        if self.baseline != "reference" and self.baseline_prompt is not None:
+            raise UserError(f"--baseline-prompt is used only with --baseline reference (the baseline is "
+                            f"'{self.baseline}'); add --baseline reference or drop --baseline-prompt")
         if not 0 < self.threshold <= 1 or not 0 < self.share <= 1:
             raise UserError("--threshold and --share must lie in (0, 1]")
         if self.steps < 1 or (self.batch_size is not None and self.batch_size < 1):
@@ -153,11 +156,22 @@ class FactCache:
         return self.folder / f"{fact.id}-{hashlib.sha256(content).hexdigest()[:12]}.pt"
 
     def load(self, fact: Fact) -> FactResult | None:
+        """The cached result of `fact`, or None when there is none or its file is damaged (a warning names it;
+        the fact is then recomputed and the file rewritten)."""
         path = self._path(fact)
         if not path.exists():
             return None
-        d = torch.load(path, weights_only=True)
-        return FactResult(fact, d["scores"], d["delta"], d["probs"], d["prompt_ids"], d["answer_ids"])
+        try:
+            d = torch.load(path, weights_only=True)
+            result = FactResult(fact, d["scores"], d["delta"], d["probs"], d["prompt_ids"], d["answer_ids"])
+            counts = {len(result.scores), len(result.delta), len(result.probs), len(result.prompt_ids)}
+            if counts != {len(fact.prompts)}:
+                raise ValueError(f"holds {sorted(counts)} prompts, the fact has {len(fact.prompts)}")
+        except Exception as exc:  # whatever makes the file unreadable, it is recomputed, never used
+            reason = f"{type(exc).__name__}: {str(exc).split('. ')[0]}"  # torch's messages run on for sentences
+            log.warning("damaged cache file %s (%s); recomputing fact %s", path, reason, fact.id)
+            return None
+        return result
 
     def save(self, r: FactResult) -> None:
         buf = io.BytesIO()
@@ -173,13 +187,16 @@ def find_knowledge_neurons(
     cache_dir: Path | None = None,
     resume: bool = True,
     progress: bool = True,
+    label: str | None = None,
 ) -> ModelResult:
     """Attribute every prompt of every fact; finished facts are saved to `cache_dir` (when given) and, with
-    `resume`, taken from there instead of being recomputed."""
+    `resume`, taken from there instead of being recomputed. `label` ("GPT-2") names the model in the progress
+    bar and log (default: the folder name)."""
+    label = label or Path(model_name).name
     cache = FactCache(cache_dir, model_name, kn.model, options) if cache_dir else None
     baseline = baseline_activations(kn, facts, options)
     results, reused = [], 0
-    for fact in tqdm(facts, desc=f"knowledge neurons {Path(model_name).name}", unit="fact", disable=not progress):
+    for fact in tqdm(facts, desc=f"knowledge neurons {label}", unit="fact", disable=not progress):
         cached = cache.load(fact) if cache and resume else None
         if cached is None:
             cached = attribute_fact(kn, fact, options, baseline)
@@ -189,7 +206,7 @@ def find_knowledge_neurons(
             reused += 1
         results.append(cached)
     if reused:
-        log.info("%s: reused %d of %d facts from %s", model_name, reused, len(facts), cache.folder)
+        log.info("%s: reused %d of %d facts from %s", label, reused, len(facts), cache.folder)
     arch = kn.model.config.model_type
     return ModelResult(model_name, arch, kn.adapter.neuron_site, kn.n_layers, kn.width, options, results)
 

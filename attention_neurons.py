@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,10 +40,9 @@ from tqdm import tqdm
 
 from errors import UserError
 from facts import Fact
-from figures import new_figure, save
 from knowledge_neurons import Neuron
 from models import GPT2Adapter, SSMAdapter, SSMInputs, adapter_for
-from tokens import encode, encode_prompt, subject_positions
+from tokens import encode, subject_positions
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +140,16 @@ def hidden_attention(model: nn.Module, input_ids: Tensor, layer: int, chunk: int
 def _alpha_all(s: SSMInputs, chunk: int = CHUNK) -> Tensor:
     """(units, T, T) hidden attention of every decay unit, `chunk` units at a time."""
     return torch.cat([_alpha(s, slice(c, c + chunk)) for c in range(0, s.dt.shape[1], chunk)])
+
+
+def mean_abs_hidden_attention(model: nn.Module, input_ids: Tensor, layers: Sequence[int]) -> Tensor:
+    """Channel-averaged |alpha| of some layers for a prompt (T,), from one forward pass: (len(layers), T, T).
+
+    |alpha| because alpha's sign varies between channels and would cancel in a signed mean.
+    """
+    with torch.no_grad():
+        ssm = _ssm_inputs(_mamba(model), input_ids, layers)
+        return torch.stack([_alpha_all(s).abs().mean(0) for s in ssm])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,18 +334,20 @@ def mamba_attention_analysis(
     facts: Sequence[Fact],
     refined: Mapping[str, Sequence[Neuron]],
     progress: bool = True,
+    label: str = "Mamba",
 ) -> dict:
     """Hidden attention and knowledge-neuron token flow of a Mamba-family model over facts (JSON-ready, no NaN).
 
     refined: fact id -> refined neurons (layer, index, score); a fact without an entry has no neurons.
     Per prompt: the tokens, the subject positions, per layer the subject / last / other mass of the channel-averaged
     hidden attention of the last position, and for each neuron its contributions and shares (see `METHOD`).
-    Aggregated: mean flow shares per fact, per relation, per layer and overall.
+    Aggregated: mean flow shares per fact, per relation, per layer and overall. `label` names the model in the
+    progress bar.
     """
     adapter = _mamba(model)
     out = []
     with torch.no_grad():
-        for fact in tqdm(facts, desc="hidden attention", unit="fact", disable=not progress):
+        for fact in tqdm(facts, desc=f"hidden attention {label}", unit="fact", disable=not progress):
             neurons = list(refined.get(fact.id, ()))
             _check_neurons(adapter, fact.id, neurons)
             prompts = [_prompt_analysis(adapter, tokenizer, fact, p, neurons) for p in fact.prompts]
@@ -373,77 +383,3 @@ def mamba_attention_analysis(
         ],
         "overall": _mean_shares(r for _, r in records),
     }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# plots
-
-STYLES = {"subject": ("tab:red", "o"), "last": ("tab:blue", "s"), "other": ("tab:gray", "^")}  # color, marker
-
-
-def _labels(tokenizer, ids: Sequence[int]) -> list[str]:
-    """Readable token labels: the decoded text without surrounding spaces, quoted when it is only whitespace."""
-    texts = [tokenizer.decode([i]) for i in ids]
-    return [text.strip() or repr(text) for text in texts]
-
-
-def plot_hidden_attention(model: nn.Module, tokenizer, prompt: str, layers: Sequence[int], path: str | Path) -> Path:
-    """Channel-averaged |alpha| maps of a few Mamba layers side by side; returns the PNG's path."""
-    ids = encode_prompt(tokenizer, prompt)
-    if not layers:
-        raise UserError("a hidden-attention plot needs at least one layer")
-    T, labels = len(ids), _labels(tokenizer, ids)
-    side = max(4.0, 0.32 * T + 2.0)
-    fig = new_figure(side * len(layers) + 1.0, side)
-    above = np.triu(np.ones((T, T), dtype=bool), k=1)
-    with torch.no_grad():
-        ssm = _ssm_inputs(_mamba(model), torch.tensor(ids), layers)
-    for ax, layer, s in zip(fig.subplots(1, len(layers), squeeze=False)[0], layers, ssm, strict=True):
-        with torch.no_grad():
-            amap = _alpha_all(s).abs().mean(0)  # (T, T) channel-averaged |alpha|
-        image = ax.imshow(np.ma.masked_array(amap.double().cpu().numpy(), above), cmap="viridis")
-        ax.set_xticks(range(T), labels, rotation=90, fontsize=8)
-        ax.set_yticks(range(T), labels, fontsize=8)
-        ax.set_xlabel("attended token j (position)")
-        ax.set_ylabel("query token i (position)")
-        ax.set_title(f"layer {layer}")
-        fig.colorbar(image, ax=ax, shrink=0.8, label="mean |α[i, j]| over channels (unitless)")
-    fig.suptitle(f"Mamba hidden attention (Ali et al. 2024): {prompt!r}")
-    return save(fig, path)
-
-
-def _nan(values: Iterable[float | None]) -> list[float]:
-    return [np.nan if v is None else v for v in values]
-
-
-def plot_subject_flow(analysis: dict, path: str | Path, gpt2: dict | None = None) -> Path:
-    """Subject / last / other share of Mamba knowledge-neuron activations by layer (|contribution| shares), beside
-    GPT-2's attention mass from the answer position when `gpt2` (from `gpt2_subject_attention`) is given."""
-    fig = new_figure(6.5 * (2 if gpt2 else 1), 4.5)
-    axes = fig.subplots(1, 2 if gpt2 else 1, squeeze=False)[0]
-    by_layer = analysis["by_layer"]
-    layers = [e["layer"] for e in by_layer]
-    ax = axes[0]
-    for g in GROUPS:
-        color, marker = STYLES[g]
-        ax.plot(layers, _nan(e["flow"]["absolute"][g] for e in by_layer), "-", marker=marker, color=color, label=g)
-    subject_hidden = _nan(e["hidden_attention"]["subject"] for e in by_layer)
-    ax.plot(layers, subject_hidden, ":", color=STYLES["subject"][0], label="subject, hidden attention (all channels)")
-    pairs = analysis["overall"]["n"]
-    ax.set_title(f"Mamba knowledge neurons: token flow at the answer position ({pairs} neuron-prompt pairs)")
-    ax.set_ylabel("share of |contributions| (fraction)")
-    if gpt2:
-        ax = axes[1]
-        for g in GROUPS:
-            color, marker = STYLES[g]
-            ax.plot(range(gpt2["n_layers"]), _nan(gpt2["mean"][g]), "-", marker=marker, color=color, label=g)
-        ax.set_title(f"GPT-2 attention from the answer position, heads averaged ({gpt2['n_prompts']} prompts)")
-        ax.set_ylabel("attention mass (fraction)")
-    for ax in axes:
-        ax.set_xlabel("layer")
-        ax.set_ylim(-0.02, 1.02)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.title.set_fontsize(10)
-    return save(fig, path)

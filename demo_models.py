@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerFast
 
 from errors import UserError
 from facts import FACTS, Fact, facts_hash
-from models import load_model
+from models import load_model, quiet_kernel_advice
 from tokens import continuation, encode
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,7 @@ def _train(arch: str, facts: Sequence[Fact], progress: bool = True, settings: di
     if context and inputs.shape[1] + 1 > context:
         raise UserError(f"a fact prompt is longer than the demo {arch} model's {context} positions")
 
+    quiet_kernel_advice(torch.device("cpu"))  # training runs on the CPU, where Mamba's CUDA kernels cannot help
     with _threads(TRAIN_THREADS):
         torch.manual_seed(cfg["seed"])
         model = _new_model(arch, len(tokenizer), tokenizer.eos_token_id, cfg)
@@ -287,8 +288,8 @@ def _build(arch: str, facts: Sequence[Fact], folder: Path, progress: bool) -> No
         loaded, loaded_tokenizer = load_model(str(tmp))  # what the analysis will see
         with _threads(TRAIN_THREADS):
             accuracy = demo_accuracy(loaded, loaded_tokenizer, facts)
-        log.info("demo %s: accuracy %.1f %% on %d facts (%.1f %% before saving), trained in %.1f s",
-                 arch, 100 * accuracy, len(facts), 100 * trained_accuracy, seconds)
+        log.info("demo %s: accuracy %.1f %% on %d facts (%.1f %% before saving)",
+                 arch, 100 * accuracy, len(facts), 100 * trained_accuracy)
         if accuracy < MIN_ACCURACY:
             raise RuntimeError(
                 f"the demo {arch} model reached only {100 * accuracy:.1f} % accuracy on the facts "
@@ -315,10 +316,37 @@ def _build(arch: str, facts: Sequence[Fact], folder: Path, progress: bool) -> No
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created) for the block; wait while another process holds it.
+
+    Two runs that share a cache would otherwise both train the same model. Without `fcntl` (Windows) there is
+    no lock: both may train, and the atomic rename in `_build` still keeps one complete copy.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that is building %s", path.name.removesuffix(".lock"))
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_demo_models(facts: Sequence[Fact] = FACTS, cache_dir: str | Path | None = None,
                        progress: bool = True, archs: Sequence[str] = DEFAULT_ARCHS) -> dict[str, Path]:
     """{arch: folder} of demo models of `archs` (config.model_type names, see `ARCHS`) that know `facts`;
-    builds the missing ones (CPU)."""
+    builds the missing ones (CPU).
+
+    A model is built under a lock file in the cache folder, so a second run that needs it waits and then reuses it.
+    """
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         raise UserError(f"no demo model for {', '.join(unknown)}: demo models exist for {', '.join(ARCHS)}")
@@ -329,9 +357,18 @@ def ensure_demo_models(facts: Sequence[Fact] = FACTS, cache_dir: str | Path | No
         if _complete(folder):
             log.info("reusing cached demo model %s", folder)
         else:
-            _build(arch, facts, folder, progress)
+            with _locked(root / f".{folder.name}.lock"):
+                if _complete(folder):  # another process built it while this one waited
+                    log.info("reusing cached demo model %s (built by another process)", folder)
+                else:
+                    _build(arch, facts, folder, progress)
         folders[arch] = folder
     return folders
+
+
+def is_demo_model(path: str | Path) -> bool:
+    """Whether `path` is a demo model folder (it holds demo_info.json): a tiny model trained on the fact table."""
+    return (Path(path).expanduser() / INFO_FILE).is_file()
 
 
 def read_info(folder: str | Path) -> dict[str, Any]:

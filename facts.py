@@ -193,6 +193,20 @@ def _parse_line(line: str) -> Fact:
     return Fact(obj["id"], obj["relation"], obj["subject"], obj["answer"], prompts)
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 raise UserError("path:line: ...") naming line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        offset = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserError(
+            f"{path}:{lineno}: not valid UTF-8 (byte 0x{data[e.start]:02x} at byte {offset} of the line); "
+            "save the file as UTF-8"
+        ) from None
+
+
 def load_facts(path: str | Path) -> list[Fact]:
     """Read and check a JSONL facts file; any problem raises UserError("path:line: ...")."""
     path = Path(path)
@@ -200,7 +214,7 @@ def load_facts(path: str | Path) -> list[Fact]:
         raise UserError(f"{path}: no such file")
     facts: list[Fact] = []
     seen: dict[str, str] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"{path}:{lineno}"

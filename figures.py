@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from analysis import ModelResult
 from statistics_kn import jaccard
@@ -31,21 +33,32 @@ def save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_layer_distribution(results: dict[str, ModelResult], path: Path) -> Path:
-    """Knowledge neurons per layer, one panel per model."""
-    fig = new_figure(5.5 * len(results), 3.6)
+def _caveat(fig: Figure, caveat: str | None) -> None:
+    """A figure-wide line (e.g. that the models are the tiny demo models) above the panels."""
+    if caveat:
+        fig.suptitle(caveat, fontsize=10)
+
+
+def plot_layer_distribution(results: dict[str, ModelResult], path: Path, caveat: str | None = None) -> Path:
+    """Knowledge neurons per layer, one panel per model (keyed by its label)."""
+    fig = new_figure(5.5 * len(results), 3.8)
     axes = fig.subplots(1, len(results), squeeze=False)
     for ax, (label, res) in zip(axes[0], results.items(), strict=True):
         ax.bar(np.arange(res.n_layers), res.layer_distribution, color="tab:blue")
-        ax.set_title(f"{label}: knowledge neurons per layer\n({Path(res.name).name}, {len(res.facts)} facts)")
+        ax.set_title(f"{label}: knowledge neurons per layer ({len(res.facts)} facts)")
         ax.set_xlabel("layer")
         ax.set_ylabel("knowledge neurons (count, summed over facts)")
         ax.set_xticks(np.arange(0, res.n_layers, max(1, res.n_layers // 12)))
+    _caveat(fig, caveat)
     return save(fig, path)
 
 
-def plot_jaccard_matrix(result: ModelResult, label: str, path: Path) -> Path:
-    """Fact x fact Jaccard similarity of refined neuron sets, facts grouped by relation."""
+def plot_jaccard_matrix(result: ModelResult, label: str, path: Path, caveat: str | None = None) -> Path:
+    """Fact x fact Jaccard similarity of refined neuron sets, facts grouped by relation.
+
+    The diagonal (a fact with itself, 1 by definition) is greyed and left out of the colour scale, which runs
+    from 0 to the largest off-diagonal value so that the structure between facts stays visible.
+    """
     order = sorted(result.facts, key=lambda r: r.fact.relation)  # stable: keeps table order within a relation
     sets = result.neuron_sets()
     ids = [r.fact.id for r in order]
@@ -54,21 +67,29 @@ def plot_jaccard_matrix(result: ModelResult, label: str, path: Path) -> Path:
     for i in range(n):
         for j in range(n):
             value = jaccard(sets[ids[i]], sets[ids[j]])
-            matrix[i, j] = np.nan if value is None else value
-    fig = new_figure(0.28 * n + 3.5, 0.28 * n + 2.5)
+            matrix[i, j] = np.nan if value is None or i == j else value
+    top = np.nanmax(matrix) if np.isfinite(matrix).any() else 0.0
+    top = top if top > 0 else 1.0
+    fig = new_figure(0.28 * n + 3.5, 0.28 * n + 2.8)
     ax = fig.subplots()
-    im = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0, vmax=1)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    im = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0, vmax=top)
+    for k in range(n):
+        ax.add_patch(Rectangle((k - 0.5, k - 0.5), 1, 1, color="0.6", lw=0))
     ax.set_xticks(range(n), ids, rotation=90, fontsize=7)
     ax.set_yticks(range(n), ids, fontsize=7)
     relations = [r.fact.relation for r in order]
     for k in range(1, n):
         if relations[k] != relations[k - 1]:
-            ax.axhline(k - 0.5, color="white", lw=1)
-            ax.axvline(k - 0.5, color="white", lw=1)
+            ax.axhline(k - 0.5, color="black", lw=1)
+            ax.axvline(k - 0.5, color="black", lw=1)
     ax.set_xlabel("fact (grouped by relation)")
     ax.set_ylabel("fact (grouped by relation)")
-    ax.set_title(f"{label}: Jaccard similarity of refined knowledge neurons\n(blank: both sets empty)")
-    fig.colorbar(im, ax=ax, label="Jaccard similarity (0-1)", shrink=0.8)
+    ax.set_title(f"{label}: Jaccard similarity of refined knowledge neurons\n(grey diagonal: a fact with itself, "
+                 "left out of the colour scale; white: both sets empty)", fontsize=10)
+    fig.colorbar(im, ax=ax, label=f"Jaccard similarity (scale 0 to the largest off-diagonal value, {top:.3g})",
+                 shrink=0.8)
+    _caveat(fig, caveat)
     return save(fig, path)
 
 
@@ -80,22 +101,38 @@ CONTROLS = [
     ("amplify", "knowledge_neurons", "KN x2"),
     ("amplify", "random_neurons", "random x2"),
 ]
+ERROR_BARS = "error bars: ±1 standard error of the mean over facts"
 
 
-def plot_interventions(summaries: dict[str, dict], path: Path) -> Path:
-    """Mean relative change of P(answer) for knowledge neurons vs controls, per model."""
-    fig = new_figure(9, 4)
-    ax = fig.subplots()
+def _percent(values: list[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else 100 * v for v in values])
+
+
+def plot_interventions(summaries: dict[str, dict], path: Path, caveat: str | None = None) -> Path:
+    """Mean relative change of P(answer) and flip rate for knowledge neurons vs controls, per model, with
+    standard errors over facts; every bar carries its value so that small effects (random neurons) stay readable."""
+    fig = new_figure(13, 4.8)
+    axes = fig.subplots(1, 2)
     width = 0.8 / len(summaries)
     x = np.arange(len(CONTROLS))
-    for k, (label, summary) in enumerate(summaries.items()):
-        values = [summary[op][ctrl]["relative_change_mean"] for op, ctrl, _ in CONTROLS]
-        heights = [100 * v if v is not None else np.nan for v in values]
-        ax.bar(x + (k - (len(summaries) - 1) / 2) * width, heights, width, label=label)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(x, [name for _, _, name in CONTROLS], rotation=20, ha="right")
-    ax.set_ylabel("mean relative change of P(answer) (%)")
-    ax.set_xlabel("intervention (own fact unless stated)")
-    ax.set_title("Suppressing / amplifying knowledge neurons vs random neurons from the same layers")
-    ax.legend()
+    panels = [("relative_change_mean", "relative_change_sem", "mean relative change of P(answer) (%)"),
+              ("flip_rate", "flip_rate_sem", "top-1 flip rate (% of prompts)")]
+    for ax, (mean, sem, ylabel) in zip(axes, panels, strict=True):
+        for k, (label, summary) in enumerate(summaries.items()):
+            cells = [summary[op][ctrl] for op, ctrl, _ in CONTROLS]
+            heights, errors = _percent([c[mean] for c in cells]), _percent([c[sem] for c in cells])
+            bars = ax.bar(x + (k - (len(summaries) - 1) / 2) * width, heights, width, yerr=errors, capsize=2,
+                          label=label)
+            ax.bar_label(bars, labels=["" if np.isnan(h) else f"{h:.3g}" for h in heights], fontsize=7,
+                         padding=3, rotation=90)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(x, [name for _, _, name in CONTROLS], rotation=20, ha="right")
+        ax.set_ylabel(f"{ylabel}\n{ERROR_BARS}", fontsize=9)
+        ax.set_xlabel("intervention (own fact unless stated)")
+        ax.margins(y=0.2)
+        ax.legend(fontsize=8)
+    axes[0].set_title("Change of P(answer)", fontsize=10)
+    axes[1].set_title("Top-1 prediction changed", fontsize=10)
+    title = "Suppressing (x0) / amplifying (x2) knowledge neurons vs random neurons from the same layers"
+    fig.suptitle(f"{title}\n{caveat}" if caveat else title, fontsize=10)
     return save(fig, path)

@@ -33,6 +33,8 @@ DEFINITION = {
     "that layer; several seeded draws",
     "same_relation_facts / other_relation_facts": "the fact's neurons suppressed on the prompts of the other "
     "facts of its relation / of other relations",
+    "relative_change_sem / flip_rate_sem": "in the summary: standard error of the mean over facts, sample "
+    "standard deviation (ddof 1) / sqrt(n_facts); null for fewer than 2 facts",
 }
 
 
@@ -108,8 +110,9 @@ def _edits(fact_id: str, refined: Mapping[str, Sequence[Neuron]],
 
 
 def run_interventions(kn: KnowledgeNeurons, facts, refined: Mapping[str, Sequence[Neuron]], draws: int = 5,
-                      seed: int = 0, progress: bool = True) -> dict:
-    """All edits on all prompts; returns per-fact and summary effects (JSON-ready).
+                      seed: int = 0, progress: bool = True, label: str = "") -> dict:
+    """All edits on all prompts; returns per-fact and summary effects (JSON-ready). `label` names the model in
+    the progress bar.
 
     Effect of an edit on a prompt = relative change of P(answer): (P_edited - P_clean) / P_clean.
     Flip = the top-1 prediction at some answer position differs from the clean model's.
@@ -120,7 +123,7 @@ def run_interventions(kn: KnowledgeNeurons, facts, refined: Mapping[str, Sequenc
     }
     # effects[(kind, source, factor, target)] -> list over target's prompts of (relative change, flipped)
     effects: dict[tuple, list[tuple[float, bool]]] = {}
-    for fact in tqdm(facts, desc="interventions", unit="fact", disable=not progress):
+    for fact in tqdm(facts, desc=f"interventions {label}".strip(), unit="fact", disable=not progress):
         edits = _edits(fact.id, refined, controls)
         if not edits:
             continue
@@ -175,22 +178,30 @@ def _summary(per_fact: list[dict]) -> dict:
     """Means over facts that have knowledge neurons."""
     rows = [r for r in per_fact if r["n_neurons"]]
 
-    def mean(path: tuple[str, ...]) -> float | None:
-        values = []
+    def values(path: tuple[str, ...]) -> list[float]:
+        out = []
         for r in rows:
             v = r
             for key in path:
                 v = v[key]
             if v is not None:
-                values.append(v)
-        return float(np.mean(values)) if values else None
+                out.append(v)
+        return out
+
+    def mean(v: list[float]) -> float | None:
+        return float(np.mean(v)) if v else None
+
+    def sem(v: list[float]) -> float | None:
+        return float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
 
     out = {"facts_with_neurons": len(rows)}
     for name in FACTORS:
         controls = ["knowledge_neurons", "random_neurons"]
         if name == "suppress":
             controls += ["same_relation_facts", "other_relation_facts"]
-        out[name] = {
-            c: {m: mean((name, c, m)) for m in ("relative_change_mean", "flip_rate")} for c in controls
-        }
+        out[name] = {}
+        for c in controls:
+            change, flips = values((name, c, "relative_change_mean")), values((name, c, "flip_rate"))
+            out[name][c] = {"relative_change_mean": mean(change), "relative_change_sem": sem(change),
+                            "flip_rate": mean(flips), "flip_rate_sem": sem(flips), "n_facts": len(flips)}
     return out

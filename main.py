@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most N facts of each relation: a sample drawn with --seed (default: all)")
     m.add_argument("--max-prompts-per-fact", type=int, metavar="K",
                    help="at most the first K prompts of each fact, K >= 2 (default: all)")
-    m.add_argument("--out", metavar="DIR", default=".", help="output folder (default: current directory)")
-    m.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto = cuda when available)")
+    m.add_argument("--out", metavar="DIR", default="results", help="output folder (default: %(default)s)")
+    m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto = cuda when available)")
     a = p.add_argument_group("integrated gradients and knowledge neurons")
     a.add_argument("--steps", type=int, default=Options.steps,
                    help="integration steps m (default: %(default)s, as Dai et al.)")
@@ -116,12 +116,19 @@ def load_facts_option(args: argparse.Namespace) -> list[Fact]:
 
 def run(args: argparse.Namespace) -> None:
     import pipeline
+    import preflight
+    from report import demo_caveat
 
+    preflight.check_arguments(args)
     distributed.init(args.device, args.baseline)  # under torchrun: join the other ranks
     torch.manual_seed(args.seed)
     facts = load_facts_option(args)
     with distributed.local_rank_zero_first():  # --demo builds its models once per host
         names = model_names(args, facts)
+    preflight.check_models(names, facts, args.baseline_prompt)
+    caveat = demo_caveat(names)
+    if caveat:
+        log.info("note: %s; the results show the method at work, not what the real models know", caveat)
     getattr(pipeline, f"run_{args.mode}")(args, facts, names)
 
 

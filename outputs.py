@@ -88,13 +88,13 @@ def versions() -> dict[str, str | None]:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain aligned text table; floats with 4 significant digits, None as '-'."""
+    """A plain aligned text table; floats with 3 significant digits, None as '-'."""
 
     def fmt(v: Any) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
-            return f"{v:.4g}"
+            return f"{v:.3g}"
         return str(v)
 
     def justify(v: Any, text: str, width: int) -> str:

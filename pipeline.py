@@ -17,7 +17,8 @@ from analysis import (
     knowledge_tables,
     write_knowledge,
 )
-from attention_neurons import gpt2_subject_attention, mamba_attention_analysis, plot_hidden_attention, plot_subject_flow
+from attention_figures import plot_hidden_attention, plot_subject_flow
+from attention_neurons import gpt2_subject_attention, mamba_attention_analysis
 from errors import UserError
 from facts import Fact
 from figures import plot_interventions, plot_jaccard_matrix, plot_layer_distribution
@@ -25,7 +26,7 @@ from interventions import run_interventions
 from knowledge_neurons import KnowledgeNeurons
 from models import load_model
 from outputs import versions, write_json, write_text
-from report import LABELS, attention_table, comprehensive_report, interventions_table
+from report import LABELS, attention_table, comprehensive_report, demo_caveat, interventions_table
 from statistics_kn import bootstrap_ci, permutation_test
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def knowledge_stage(
             raise UserError(f"--{arch}-model {names[arch]} is a '{model.config.model_type}' model, not {arch}")
         kn = KnowledgeNeurons(model, tokenizer)
         attribute = partial(find_knowledge_neurons, kn, options=options, model_name=names[arch],
-                            cache_dir=out / ".kn_cache", resume=not args.fresh)
+                            cache_dir=out / ".kn_cache", resume=not args.fresh, label=LABELS[arch])
         result = distributed.shard_and_gather(attribute, kn, facts, progress=not args.quiet)
         if result is None:  # under torchrun, ranks other than 0 only attribute their share
             continue
@@ -82,11 +83,13 @@ def run_knowledge(args: argparse.Namespace, facts: Sequence[Fact], names: dict[s
     print(knowledge_tables({LABELS[a]: d.result for a, d in done.items()}))
 
 
-def _attention_figures(model, tokenizer, facts: Sequence[Fact], out: Path, n_layers: int) -> list[str]:
+def _attention_figures(model, tokenizer, facts: Sequence[Fact], out: Path, n_layers: int,
+                       caveat: str | None) -> list[Path]:
     """Channel-averaged hidden-attention maps of each fact's first prompt at four layers across the depth."""
     layers = sorted({round(k * (n_layers - 1) / 3) for k in range(4)})
     return [
-        str(plot_hidden_attention(model, tokenizer, f.prompts[0], layers, out / f"hidden_attention_{f.id}.png"))
+        plot_hidden_attention(model, tokenizer, f.prompts[0], layers, out / f"hidden_attention_{f.id}.png",
+                              subject=f.subject, caveat=caveat)
         for f in facts
     ]
 
@@ -100,12 +103,14 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
     """
     result, kn = mamba.result, mamba.kn
     out = Path(args.out)
-    analysis = mamba_attention_analysis(kn.model, kn.tokenizer, facts, result.refined, progress=not args.quiet)
+    caveat = demo_caveat(names)
+    analysis = mamba_attention_analysis(kn.model, kn.tokenizer, facts, result.refined, progress=not args.quiet,
+                                        label=LABELS["mamba"])
     gpt2_model, gpt2_tokenizer = (gpt2_kn.model, gpt2_kn.tokenizer) if gpt2_kn else load_model(names["gpt2"],
                                                                                              args.device)
     gpt2 = gpt2_subject_attention(gpt2_model, gpt2_tokenizer, facts)
-    figures = _attention_figures(kn.model, kn.tokenizer, facts, out / "figures", kn.n_layers)
-    figures.append(str(plot_subject_flow(analysis, out / "figures" / "subject_flow_by_layer.png", gpt2)))
+    maps = _attention_figures(kn.model, kn.tokenizer, facts, out / "figures", kn.n_layers, caveat)
+    flow = plot_subject_flow(analysis, out / "figures" / "subject_flow_by_layer.png", gpt2, caveat)
     doc = {
         "model": result.name,
         "gpt2_model": names["gpt2"],
@@ -115,10 +120,13 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
         "versions": versions(),
         "hidden_attention": analysis,
         "gpt2_attention": gpt2,
-        "figures": [str(Path(f).relative_to(out)) for f in figures],
+        "figures": {
+            "hidden_attention": [str(f.relative_to(out)) for f in maps],
+            "subject_flow": str(flow.relative_to(out)),
+        },
     }
     write_json(out / "mamba_analysis.json", doc)
-    log.info("wrote %s and %d figures", out / "mamba_analysis.json", len(figures))
+    log.info("wrote %s and %d figures", out / "mamba_analysis.json", len(maps) + 1)
     return doc
 
 
@@ -145,6 +153,7 @@ def relation_statistics(result: ModelResult, args: argparse.Namespace) -> dict:
 
 def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
     out = Path(args.out)
+    caveat = demo_caveat(names)
     done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
     if not distributed.is_main():  # the later stages run on rank 0 alone
         return
@@ -153,15 +162,17 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
     for arch, d in done.items():
         per_model[arch] = {
             "interventions": run_interventions(d.kn, facts, d.result.refined, args.random_draws, args.seed,
-                                               progress=not args.quiet),
+                                               progress=not args.quiet, label=LABELS[arch]),
             "statistics": relation_statistics(d.result, args),
         }
     results = {LABELS[a]: d.result for a, d in done.items()}
     summaries = {LABELS[a]: m["interventions"]["summary"] for a, m in per_model.items()}
     figures = {
-        "layer_distribution": plot_layer_distribution(results, out / "figures" / "knowledge_neurons_per_layer.png"),
-        "interventions": plot_interventions(summaries, out / "figures" / "interventions.png"),
-        **{f"jaccard_{arch}": plot_jaccard_matrix(d.result, LABELS[arch], out / "figures" / f"jaccard_{arch}.png")
+        "layer_distribution": plot_layer_distribution(results, out / "figures" / "knowledge_neurons_per_layer.png",
+                                                      caveat),
+        "interventions": plot_interventions(summaries, out / "figures" / "interventions.png", caveat),
+        **{f"jaccard_{arch}": plot_jaccard_matrix(d.result, LABELS[arch], out / "figures" / f"jaccard_{arch}.png",
+                                                  caveat)
            for arch, d in done.items()},
     }
     mamba_result = done["mamba"].result
@@ -186,15 +197,15 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
             },
         },
         "files": {
-            "gpt2_knowledge_neurons": "gpt2_knowledge_neurons.json",
-            "mamba_knowledge_neurons": "mamba_knowledge_neurons.json",
+            **{f"{arch}_knowledge_neurons": f"{arch}_knowledge_neurons.json" for arch in done},
+            **{f"{arch}_knowledge_neurons_scores": d.doc["scores_file"] for arch, d in done.items()},
             "mamba_analysis": "mamba_analysis.json",
             "report": "report.md",
-            "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
+            "figures": {**{k: str(v.relative_to(out)) for k, v in figures.items()}, **attention["figures"]},
         },
     }
     write_json(out / "mamba_comprehensive_analysis.json", doc)
-    write_text(out / "report.md", comprehensive_report(doc, results, per_model, attention))
+    write_text(out / "report.md", comprehensive_report(doc, results, per_model, attention, caveat))
     print(knowledge_tables(results))
     print()
     print(interventions_table(summaries))

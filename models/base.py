@@ -83,6 +83,16 @@ class Adapter:
         raise NotImplementedError
 
     # --- shared --------------------------------------------------------------------------------------------
+    @classmethod
+    def max_positions(cls, config: Any) -> int | None:
+        """The most positions a model with this config can read (learned position embeddings); None when it has
+        no such limit (a recurrent model). Read from the config, so it can be checked before loading weights."""
+        for key in ("n_positions", "max_position_embeddings"):
+            value = getattr(config, key, None)
+            if value:
+                return int(value)
+        return None
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -11,14 +11,14 @@ import torch
 from conftest import tiny_mamba2_config
 from transformers import FalconMambaConfig, FalconMambaForCausalLM, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
+from attention_figures import plot_hidden_attention, plot_subject_flow, token_labels
 from attention_neurons import (
     flow_shares,
     gpt2_subject_attention,
     hidden_attention,
     mamba_attention_analysis,
+    mean_abs_hidden_attention,
     per_channel,
-    plot_hidden_attention,
-    plot_subject_flow,
     segsum,
     token_flow,
 )
@@ -277,10 +277,26 @@ def test_mamba_attention_analysis(ssm_analysis):
 def test_plots(tiny_mamba, tiny_gpt2, analysis, tmp_path):
     model, tok = tiny_mamba
     written = [
-        plot_hidden_attention(model, tok, FACTS[0].prompts[0], [0, 2], tmp_path / "hidden.png"),
+        plot_hidden_attention(model, tok, FACTS[0].prompts[0], [0, 2], tmp_path / "hidden.png", subject="France",
+                              caveat="a caveat"),
         plot_subject_flow(analysis, tmp_path / "flow.png"),
         plot_subject_flow(analysis, tmp_path / "flow_gpt2.png", gpt2=gpt2_subject_attention(*tiny_gpt2, FACTS)),
     ]
     for path in written:
         data = path.read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
+
+
+def test_mean_abs_hidden_attention_is_the_channel_mean_of_each_layer(tiny_mamba):
+    model, tok = tiny_mamba
+    ids = torch.tensor(encode(tok, FACTS[0].prompts[0], FACTS[0].answer)[0])
+    maps = mean_abs_hidden_attention(model, ids, [2, 0])
+    for k, layer in enumerate([2, 0]):
+        torch.testing.assert_close(maps[k], hidden_attention(model, ids, layer).abs().mean(0))
+
+
+def test_token_labels_show_whitespace(tiny_gpt2):
+    tok = tiny_gpt2[1]
+    ids = tok("The capital\nof\tFrance", add_special_tokens=False)["input_ids"]
+    labels = token_labels(tok, ids)
+    assert "".join(labels) == "The␣capital\\nof\\tFrance"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,13 +109,24 @@ def test_attention_mode(demo_models, tmp_path):
     out = tmp_path / "out"
     doc = json.loads((out / "mamba_analysis.json").read_text())
     assert doc["hidden_attention"] and doc["gpt2_attention"]
-    for name in doc["figures"]:
+    maps = [Path(f).name for f in doc["figures"]["hidden_attention"]]
+    assert maps == [f"hidden_attention_{f.id}.png" for f in SUBSET]
+    for name in [*doc["figures"]["hidden_attention"], doc["figures"]["subject_flow"]]:
         assert (out / name).stat().st_size > 5000
 
 
-def test_comprehensive_mode(demo_models, tmp_path, capsys):
-    assert main(_demo_args(demo_models, tmp_path, "comprehensive", "--random-draws", "2", "--permutations", "50",
-                           "--bootstrap", "50")) == 0
+def _listed(files) -> list[str]:
+    """Every path in the (nested) `files` entry of the comprehensive JSON."""
+    if isinstance(files, str):
+        return [files]
+    values = files.values() if isinstance(files, dict) else files
+    return [path for v in values for path in _listed(v)]
+
+
+def test_comprehensive_mode(demo_models, tmp_path, capsys, caplog):
+    with caplog.at_level(logging.INFO):
+        assert main(_demo_args(demo_models, tmp_path, "comprehensive", "--random-draws", "2", "--permutations",
+                               "50", "--bootstrap", "50")) == 0
     out = tmp_path / "out"
     text = (out / "mamba_comprehensive_analysis.json").read_text()
     doc = json.loads(text)
@@ -122,14 +134,22 @@ def test_comprehensive_mode(demo_models, tmp_path, capsys):
     for key in ("knowledge_neurons", "hidden_attention", "interventions", "statistics", "comparison"):
         assert doc[key]
     assert doc["statistics"]["permutation_test"]["n_permutations"] == 50
-    for path in doc["files"]["figures"].values():
+    figures = _listed(doc["files"]["figures"])
+    for path in figures:
         assert (out / path).stat().st_size > 5000
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and ".kn_cache" not in p.parts}
+    assert set(_listed(doc["files"])) == written - {"mamba_comprehensive_analysis.json"}  # everything, nothing more
+    assert {"gpt2_knowledge_neurons.npz", "mamba_knowledge_neurons.npz", "figures/subject_flow_by_layer.png"} <= written
     report = (out / "report.md").read_text()
     assert "## Causal checks" in report and "figures/interventions.png" in report
-    for name in doc["files"].values():
-        if isinstance(name, str):
-            assert (out / name).exists()
-    assert "Interventions" in capsys.readouterr().out
+    for path in figures:
+        assert f"]({path})" in report  # every figure, the hidden-attention maps included, is shown
+    assert "tiny demo models trained on these very facts" in report  # the test models are demo models
+    assert "permutation test of intra > inter (50 relabellings, seed 0): p" in report
+    assert "tiny demo models trained on these very facts" in caplog.text  # and the console says so
+    console = capsys.readouterr()
+    assert "Interventions" in console.out
+    assert not any(folder.name in console.out for folder in demo_models.values())  # labels, not cache paths
 
 
 @pytest.mark.parametrize("baseline", [["--baseline", "mean"], ["--baseline", "reference", "--baseline-prompt", "The"]])

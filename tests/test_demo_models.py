@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,56 @@ def test_incomplete_folder_is_rebuilt_not_reused(tmp_path, monkeypatch):
         dm.ensure_demo_models(FACTS, cache_dir=tmp_path, progress=False)
 
 
+def test_concurrent_runs_build_each_model_once(tmp_path, monkeypatch, caplog):
+    """Two runs on one empty cache: the second waits on the lock, then reuses what the first built."""
+    builds: list[str] = []
+    second_waits = threading.Event()
+
+    class Waiting(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("waiting for another process"):
+                second_waits.set()
+
+    def build(arch, facts, folder, progress):
+        builds.append(arch)
+        if len(builds) == 1:  # the first build holds the lock until the other run is seen waiting for it
+            assert second_waits.wait(timeout=30), "the second run did not wait for the lock"
+        folder.mkdir()
+        (folder / dm.INFO_FILE).write_text("{}")
+
+    monkeypatch.setattr(dm, "_build", build)
+    handler = Waiting()
+    dm.log.addHandler(handler)
+    caplog.set_level(logging.INFO, logger="demo_models")
+    results: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            results[k] = dm.ensure_demo_models(FACTS, cache_dir=tmp_path, progress=False)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    runs = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    try:
+        runs[0].start()
+        while not builds and runs[0].is_alive():  # the first run holds the lock of the first model
+            threading.Event().wait(0.01)
+        runs[1].start()
+        for t in runs:
+            t.join(timeout=60)
+    finally:
+        dm.log.removeHandler(handler)
+    assert not errors and second_waits.is_set()
+    assert builds == list(dm.ARCHS)  # each model trained once, by whichever run got its lock
+    assert results[0] == results[1] and all(dm.is_demo_model(p) for p in results[0].values())
+
+
+def test_is_demo_model(demo_models, tmp_path):
+    assert all(dm.is_demo_model(p) for p in demo_models.values())
+    assert not dm.is_demo_model(tmp_path) and not dm.is_demo_model("gpt2")
+
+
 def test_key_follows_facts_settings_and_versions(monkeypatch):
     first = FACTS[0]
     edited = (dataclasses.replace(first, prompts=(first.prompts[0] + " really", *first.prompts[1:])), *FACTS[1:])
@@ -162,7 +213,8 @@ def test_bad_model_raises_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(dm, "_train", untrained)
     with pytest.raises(RuntimeError, match="accuracy"):
         dm.ensure_demo_models(FACTS[:4], cache_dir=tmp_path, progress=False)
-    assert list(Path(tmp_path).iterdir()) == []
+    # only the lock file stays (deleting it could let a waiting run lock a file that is no longer the lock)
+    assert [p.name for p in Path(tmp_path).iterdir()] == [f".{dm.demo_key('gpt2', FACTS[:4])}.lock"]
 
 
 def test_training_data_matches_the_analysis_tokenization(demo_models):

@@ -199,3 +199,14 @@ def test_empty_file(tmp_path, text):
     path.write_text(text, encoding="utf-8")
     with pytest.raises(UserError, match="no facts"):
         load_facts(path)
+
+
+def test_invalid_utf8_names_file_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    second = b'{"id": "a", "relation": "r", "subject": "Fran\xe7e", "answer": "Paris", "prompts": ["Fran\xe7e is"]}'
+    path.write_bytes(line().encode() + b"\n" + second + b"\n")
+    with pytest.raises(UserError) as info:
+        load_facts(path)
+    column = second.index(b"\xe7") + 1
+    assert str(info.value) == f"{path}:2: not valid UTF-8 (byte 0xe7 at byte {column} of the line); save the file " \
+        "as UTF-8"

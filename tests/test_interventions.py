@@ -84,3 +84,26 @@ def test_random_controls_match_layers_and_avoid_the_neurons():
         assert len(set(s)) == 3
     again = random_controls(neurons, width=10, draws=20, rng=np.random.default_rng(0))
     assert sets == again
+
+
+def test_summary_gives_the_standard_error_over_facts():
+    from statistics import mean, stdev
+
+    from facts import Fact
+    from interventions import summarise
+
+    facts = [Fact(f"f{k}", "r", "S", "A", ("S is",)) for k in range(4)]
+    refined = {"f0": [(0, 1, 1.0)], "f1": [(0, 2, 1.0)], "f2": [(1, 0, 1.0)], "f3": []}
+    changes = {"f0": [(-0.5, True), (-0.7, True)], "f1": [(-0.2, False)], "f2": [(-0.1, False), (-0.3, True)]}
+    effects = {("own", fid, 0.0, fid): pairs for fid, pairs in changes.items()}
+    cell = summarise(facts, refined, effects)["summary"]["suppress"]["knowledge_neurons"]
+    per_fact = [-0.6, -0.2, -0.2]  # means over each fact's prompts; f3 has no neurons
+    flips = [1.0, 0.0, 0.5]
+    assert cell["n_facts"] == 3
+    assert cell["relative_change_mean"] == pytest.approx(mean(per_fact))
+    assert cell["relative_change_sem"] == pytest.approx(stdev(per_fact) / 3**0.5)
+    assert cell["flip_rate"] == pytest.approx(mean(flips))
+    assert cell["flip_rate_sem"] == pytest.approx(stdev(flips) / 3**0.5)
+    random = summarise(facts, refined, effects)["summary"]["suppress"]["random_neurons"]
+    assert random == {"relative_change_mean": None, "relative_change_sem": None, "flip_rate": None,
+                      "flip_rate_sem": None, "n_facts": 0}

@@ -41,4 +41,4 @@ def test_written_files_follow_the_umask(tmp_path):
 
 def test_table_aligns_text_left_and_numbers_right():
     lines = table(["name", "value"], [["a", 1.23456], ["longer", None]]).splitlines()
-    assert lines == ["name    value", "------  -----", "a       1.235", "longer      -"]
+    assert lines == ["name    value", "------  -----", "a        1.23", "longer      -"]

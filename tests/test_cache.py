@@ -1,0 +1,57 @@
+"""The per-fact cache: a damaged file is reported, recomputed and rewritten, never used."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from analysis import FactCache, Options, find_knowledge_neurons
+from facts import Fact
+from knowledge_neurons import KnowledgeNeurons
+
+FACT = Fact("capital_france", "capital_of", "France", "Paris", ("The capital of France is", "France's capital is"))
+OPTIONS = Options(steps=2)
+
+DAMAGE = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "garbage": lambda data: bytes(range(256)) * 4,
+    "empty": lambda data: b"",
+}
+
+
+def _run(kn, cache_dir):
+    return find_knowledge_neurons(kn, [FACT], OPTIONS, "tiny", cache_dir, progress=False)
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_cache_file_is_recomputed(tiny_gpt2, tmp_path, caplog, damage):
+    kn = KnowledgeNeurons(*tiny_gpt2)
+    first = _run(kn, tmp_path).facts[0]
+    (path,) = FactCache(tmp_path, "tiny", kn.model, OPTIONS).folder.glob("*.pt")
+    path.write_bytes(DAMAGE[damage](path.read_bytes()))
+    with caplog.at_level(logging.INFO):
+        again = _run(kn, tmp_path).facts[0]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(path) in warnings[0].getMessage() and "recomputing" in warnings[0].getMessage()
+    assert "reused" not in caplog.text
+    assert torch.equal(again.scores, first.scores)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        third = _run(kn, tmp_path).facts[0]  # the file was rewritten: now it is reused
+    assert "reused 1 of 1 facts" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert torch.equal(third.scores, first.scores)
+
+
+def test_cache_file_of_another_shape_is_recomputed(tiny_gpt2, tmp_path, caplog):
+    kn = KnowledgeNeurons(*tiny_gpt2)
+    _run(kn, tmp_path)
+    cache = FactCache(tmp_path, "tiny", kn.model, OPTIONS)
+    (path,) = cache.folder.glob("*.pt")
+    saved = torch.load(path, weights_only=True)
+    torch.save({**saved, "scores": saved["scores"][:1]}, path)
+    with caplog.at_level(logging.WARNING):
+        assert cache.load(FACT) is None
+    assert "holds [1, 2] prompts, the fact has 2" in caplog.text
