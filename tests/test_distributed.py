@@ -37,8 +37,10 @@ def _args(demo_models, facts: Path, out: Path) -> list[str]:
             "--facts", str(facts), "--out", str(out), "--steps", "4"]
 
 
-def _torchrun(args: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], ranks: int = 2, pythonpath: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
            "main.py", *args, "-q"]
     return subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
@@ -131,15 +133,34 @@ def test_two_ranks_give_the_one_process_results(demo_models, tmp_path):
     assert len(list((tmp_path / "two" / ".kn_cache").rglob("*.pt"))) == 2 * len(SUBSET)
 
 
+FAILURE = """
+import knowledge_neurons
+
+attribute_many = knowledge_neurons.KnowledgeNeurons.attribute_many
+
+
+def failing(self, items, *args, **kwargs):
+    if any("exploding" in prompt for prompt, _ in items):
+        raise IndexError("injected by the test")
+    return attribute_many(self, items, *args, **kwargs)
+
+
+knowledge_neurons.KnowledgeNeurons.attribute_many = failing
+"""
+
+
 def test_a_failing_rank_stops_every_rank_and_writes_nothing(demo_models, tmp_path):
-    long = "Long ago " * 80  # longer than the demo GPT-2's 128 positions: attribution fails on its rank
-    rows = [*_rows(SUBSET), {"id": "too_long", "relation": "capital_of", "subject": "France", "answer": "Paris",
-                             "prompts": [long + "the capital of France is", long + "France's capital is"]}]
+    """Attribution fails on the rank that gets fact `boom` (a failure injected through sitecustomize)."""
+    rows = [*_rows(SUBSET), {"id": "boom", "relation": "capital_of", "subject": "France", "answer": "Paris",
+                             "prompts": ["The exploding capital of France is", "France's exploding capital is"]}]
     facts = _write(tmp_path / "facts.jsonl", rows)
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAILURE)
     out = tmp_path / "out"
-    run = _torchrun(_args(demo_models, facts, out))
+    run = _torchrun(_args(demo_models, facts, out), pythonpath=os.pathsep.join([str(inject), str(ROOT)]))
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, run.stderr[-3000:]
-    assert "failed on too_long: IndexError" in errors[0] and errors[0].startswith("error: rank ")
+    assert "failed on boom: IndexError" in errors[0] and errors[0].startswith("error: rank ")
     assert not [p for p in out.iterdir() if p.name != ".kn_cache"]
