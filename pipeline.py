@@ -16,6 +16,7 @@ from analysis import (
     write_knowledge,
 )
 from attention_neurons import gpt2_subject_attention, mamba_attention_analysis, plot_hidden_attention, plot_subject_flow
+from editing_stage import editing_report, editing_stage, editing_table
 from errors import UserError
 from facts import Fact
 from figures import plot_interventions, plot_jaccard_matrix, plot_layer_distribution
@@ -74,6 +75,11 @@ def knowledge_stage(
 def run_knowledge(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
     done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
     print(knowledge_tables({LABELS[a]: d.result for a, d in done.items()}))
+
+
+def run_edit(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
+    done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
+    print(editing_table(editing_stage(args, done, arguments(args)).docs))
 
 
 def _attention_figures(model, tokenizer, facts: Sequence[Fact], out: Path, n_layers: int) -> list[str]:
@@ -146,6 +152,7 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
                                                progress=not args.quiet),
             "statistics": relation_statistics(d.result, args),
         }
+    editing = editing_stage(args, done, arguments(args))
     results = {LABELS[a]: d.result for a, d in done.items()}
     summaries = {LABELS[a]: m["interventions"]["summary"] for a, m in per_model.items()}
     figures = {
@@ -180,12 +187,16 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
             "mamba_knowledge_neurons": "mamba_knowledge_neurons.json",
             "mamba_analysis": "mamba_analysis.json",
             "report": "report.md",
-            "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
+            "knowledge_editing": editing.files,
+            "figures": {**{k: str(Path(v).relative_to(out)) for k, v in figures.items()},
+                        "knowledge_editing": editing.figure},
         },
     }
     write_json(out / "mamba_comprehensive_analysis.json", doc)
-    write_text(out / "report.md", comprehensive_report(doc, results, per_model, attention))
+    write_text(out / "report.md", comprehensive_report(doc, results, per_model, attention) + editing_report(editing))
     print(knowledge_tables(results))
     print()
     print(interventions_table(summaries))
+    print()
+    print(editing_table(editing.docs))
     log.info("wrote %s and %s", out / "mamba_comprehensive_analysis.json", out / "report.md")
