@@ -142,6 +142,8 @@ def plot_editing(summaries: Mapping[str, dict], path: Path, demo: bool) -> Path:
                    color=color, label=name)
         if ref is not None:
             ax.axhline(ref, color="black", lw=0.8)
+        else:  # a share of prompts
+            ax.set_ylim(0, 1.05)
         ax.set_xticks(x, list(summaries))
         ax.set_xlabel("model")
         ax.set_ylabel(ylabel)
@@ -160,6 +162,7 @@ def editing_report(editing: Editing) -> str:
     rule = (f"v <- v - {o['norm_lambda1']:g} ||v||/||e(old)|| e(old) + {o['norm_lambda2']:g} ||v||/||e(new)|| e(new)"
             if o["rule"] == "dai" else "v <- v - 2 e(old) + 2 e(new)")
     lines = [
+        "",
         "## Knowledge editing",
         "",
         f"Each fact is updated through the value slots of its refined knowledge neurons ({o['rule']} rule: {rule}; "
