@@ -3,13 +3,14 @@ edits on the demo models against random-neuron controls; `python main.py edit` e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from analysis import Options, find_knowledge_neurons
+from analysis import FactCache, Options, find_knowledge_neurons
 from editing import EditOptions, erase, new_answers, relation_neurons, restored, update
 from editing_eval import Probe, Scored, fact_probe, perplexity_ratio, run_editing, score
 from errors import UserError
@@ -96,6 +97,13 @@ def test_relation_neurons_are_the_most_frequent():
                "other": [(3, 3, 1.0)] * 5}
     assert relation_neurons(refined, ["a", "b", "c"], 2) == [(0, 1), (2, 4)]
     assert relation_neurons(refined, ["a", "b", "c"], 20) == [(0, 1), (2, 4), (1, 2)]
+
+
+def test_new_answer_leaves_the_attribution_cache_key(tiny_gpt2, tmp_path):
+    cache = FactCache(tmp_path, "m", tiny_gpt2[0], Options())
+    fact = FACTS[0]
+    assert cache._path(fact) == cache._path(dataclasses.replace(fact, new_answer="Rome"))
+    assert cache._path(fact) != cache._path(dataclasses.replace(fact, answer="Rome"))
 
 
 def test_perplexity_ratio_is_the_exponentiated_mean_nll_difference():
