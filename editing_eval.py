@@ -86,11 +86,20 @@ def score(kn: KnowledgeNeurons, probes: Sequence[Probe], max_rows: int = 32, max
     return out
 
 
+def _nll(scored: Sequence[Scored]) -> tuple[float, int]:
+    """Total negative log-likelihood and number of scored tokens."""
+    return -sum(float(s.logp.sum()) for s in scored), sum(len(s.logp) for s in scored)
+
+
+def perplexity(scored: Sequence[Scored]) -> float:
+    """exp(mean NLL per scored token), over all tokens of all probes."""
+    nll, n = _nll(scored)
+    return float(np.exp(nll / n))
+
+
 def perplexity_ratio(after: Sequence[Scored], before: Sequence[Scored]) -> float:
-    """exp(mean NLL per scored token) after / before, over all tokens of all probes."""
-    n = sum(len(s.logp) for s in before)
-    nll_after = -sum(float(s.logp.sum(dtype=np.float64)) for s in after)
-    nll_before = -sum(float(s.logp.sum(dtype=np.float64)) for s in before)
+    """perplexity(after) / perplexity(before) of the same probes, as exp of the mean NLL difference."""
+    (nll_after, n), (nll_before, _) = _nll(after), _nll(before)
     return float(np.exp((nll_after - nll_before) / n))
 
 
@@ -292,7 +301,8 @@ def run_editing(kn: KnowledgeNeurons, result: ModelResult, options: EditOptions,
     return {
         "definition": DEFINITION,
         "neutral_text": {"sentences": len(bench.neutral),
-                         "tokens_scored": sum(len(p.tokens) - 1 for p in bench.neutral)},
+                         "tokens_scored": sum(len(p.tokens) - 1 for p in bench.neutral),
+                         "perplexity_before": perplexity(bench.clean_neutral)},
         "update": {"per_fact": per_fact, "per_relation": _update_per_relation(per_fact)},
         "erase": {"per_relation": erased},
         "summary": _summary(per_fact, erased),

@@ -12,7 +12,7 @@ import torch
 
 from analysis import FactCache, Options, find_knowledge_neurons
 from editing import EditOptions, erase, new_answers, relation_neurons, restored, update
-from editing_eval import Probe, Scored, fact_probe, perplexity_ratio, run_editing, score
+from editing_eval import Probe, Scored, fact_probe, perplexity, perplexity_ratio, run_editing, score
 from errors import UserError
 from facts import FACTS, Fact, relations
 from interventions import edited_answer_probability
@@ -109,7 +109,9 @@ def test_new_answer_leaves_the_attribution_cache_key(tiny_gpt2, tmp_path):
 def test_perplexity_ratio_is_the_exponentiated_mean_nll_difference():
     before = [Scored(np.log([0.5, 0.25]), np.zeros(2)), Scored(np.log([0.1]), np.zeros(1))]
     after = [Scored(np.log([0.25, 0.25]), np.zeros(2)), Scored(np.log([0.1]), np.zeros(1))]
+    assert perplexity(before) == pytest.approx((0.5 * 0.25 * 0.1) ** (-1 / 3))
     assert perplexity_ratio(before, before) == 1.0
+    assert perplexity_ratio(after, before) == pytest.approx(perplexity(after) / perplexity(before))
     assert perplexity_ratio(after, before) == pytest.approx(np.exp(np.log(2) / 3))
 
 
