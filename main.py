@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--edit-lambdas", type=float, nargs=2, metavar=("L1", "L2"),
                    default=(EditOptions.norm_lambda1, EditOptions.norm_lambda2),
                    help="norm_lambda1 / norm_lambda2 of the dai rule (default: 1 8, as Dai et al.)")
-    e.add_argument("--erase-top", type=int, default=EditOptions.erase_top,
+    e.add_argument("--erase-top", type=int, default=EditOptions.erase_top, metavar="N",
                    help="erase a relation by zeroing its N most frequent knowledge neurons (default: %(default)s)")
     e.add_argument("--save-edited", metavar="DIR",
                    help="save_pretrained each model with its first edited fact updated to DIR/<label> "
