@@ -152,7 +152,8 @@ class FactCache:
         self.folder = Path(folder) / f"{Path(model_name).name or 'model'}-{self.key}"
 
     def _path(self, fact: Fact) -> Path:
-        content = json.dumps(dataclasses.asdict(fact), sort_keys=True).encode()
+        scored = {k: v for k, v in dataclasses.asdict(fact).items() if k != "new_answer"}  # edits only
+        content = json.dumps(scored, sort_keys=True).encode()
         return self.folder / f"{fact.id}-{hashlib.sha256(content).hexdigest()[:12]}.pt"
 
     def load(self, fact: Fact) -> FactResult | None:

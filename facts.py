@@ -10,7 +10,8 @@ skipped):
 
 Rules: `id` is unique and matches [a-z0-9_]+; `subject` appears verbatim (case-sensitive) in every
 prompt; no prompt contains the answer or ends in whitespace; the answer has no leading space (the
-space before the answer is added when the answer is tokenized).
+space before the answer is added when the answer is tokenized). An optional `"new_answer"` (same rules
+as the answer, and different from it) is the answer that `python main.py edit` writes into the model.
 """
 
 import dataclasses
@@ -24,6 +25,7 @@ from pathlib import Path
 from errors import UserError
 
 KEYS = ("id", "relation", "subject", "answer", "prompts")
+OPTIONAL_KEYS = ("new_answer",)
 ID_PATTERN = re.compile(r"^[a-z0-9_]+$")
 
 
@@ -34,6 +36,7 @@ class Fact:
     subject: str  # appears verbatim in every prompt, e.g. "France"
     answer: str  # without leading space, e.g. "Paris"; may be several tokens
     prompts: tuple[str, ...]  # cloze paraphrases, each ending where the answer begins
+    new_answer: str | None = None  # the answer a knowledge edit writes in (editing.py); None = chosen there
 
 
 # -----------------------------------------------------------------------------
@@ -135,6 +138,13 @@ def _problem(fact: Fact) -> str | None:
         return f"id {fact.id!r} must contain only a-z, 0-9 and _"
     if fact.answer != fact.answer.strip():
         return f"answer {fact.answer!r} must not start or end with whitespace (the leading space is added)"
+    if fact.new_answer is not None:
+        if not isinstance(fact.new_answer, str) or not fact.new_answer.strip():
+            return "new_answer must be a non-empty string (or null)"
+        if fact.new_answer != fact.new_answer.strip():
+            return f"new_answer {fact.new_answer!r} must not start or end with whitespace"
+        if fact.new_answer == fact.answer:
+            return f"new_answer {fact.new_answer!r} is the answer itself"
     if not isinstance(fact.prompts, tuple) or not all(isinstance(p, str) for p in fact.prompts):
         return "prompts must be a list of strings"
     if not fact.prompts:
@@ -184,13 +194,13 @@ def _parse_line(line: str) -> Fact:
     missing = [k for k in KEYS if k not in obj]
     if missing:
         raise ValueError(f"missing key(s): {', '.join(missing)}")
-    extra = [k for k in obj if k not in KEYS]
+    extra = [k for k in obj if k not in KEYS + OPTIONAL_KEYS]
     if extra:
-        raise ValueError(f"unknown key(s): {', '.join(extra)} (allowed: {', '.join(KEYS)})")
+        raise ValueError(f"unknown key(s): {', '.join(extra)} (allowed: {', '.join(KEYS + OPTIONAL_KEYS)})")
     prompts = obj["prompts"]
     if isinstance(prompts, list):
         prompts = tuple(prompts)  # anything else is reported by _problem
-    return Fact(obj["id"], obj["relation"], obj["subject"], obj["answer"], prompts)
+    return Fact(obj["id"], obj["relation"], obj["subject"], obj["answer"], prompts, obj.get("new_answer"))
 
 
 def _read_utf8(path: Path) -> str:

@@ -1,6 +1,6 @@
 """Knowledge neurons in GPT-2 and Mamba: the command line.
 
-    python main.py [comprehensive|attention|knowledge] [options]
+    python main.py [comprehensive|attention|knowledge|edit] [options]
 
 This module parses options, picks the models and calls the analysis modules in order; it holds no maths.
 """
@@ -16,6 +16,7 @@ import torch
 
 import distributed
 from analysis import BASELINES, Options
+from editing import RULES, EditOptions
 from errors import UserError
 from facts import FACTS, Fact, load_facts, select_facts
 from knowledge_neurons import IG_METHODS
@@ -30,6 +31,8 @@ MODES = {
     "for comparison -> mamba_analysis.json and figures",
     "knowledge": "knowledge neurons of GPT-2 and Mamba, overlap statistics -> gpt2_knowledge_neurons.json, "
     "mamba_knowledge_neurons.json (+ .npz score tensors)",
+    "edit": "knowledge neurons, then knowledge editing (Dai et al.): update every fact and erase every relation "
+    "through knowledge neurons vs random neurons -> gpt2_knowledge_editing.json, mamba_knowledge_editing.json",
 }
 DEFAULT_MODELS = {"gpt2": "gpt2", "mamba": "state-spaces/mamba-130m-hf"}
 
@@ -81,9 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=Options.seed,
                    help="seed for random controls, permutations, bootstrap (default: %(default)s)")
     s.add_argument("--random-draws", type=int, default=5,
-                   help="random-neuron control sets per fact (default: 5)")
+                   help="random-neuron control sets per fact (interventions) and per edit (editing) (default: 5)")
     s.add_argument("--permutations", type=int, default=1000, help="permutation-test relabellings (default: 1000)")
     s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    e = p.add_argument_group("knowledge editing (edit; comprehensive adds it to the report)")
+    e.add_argument("--edit-rule", default=EditOptions.rule, choices=RULES,
+                   help="dai: v <- v - L1 ||v||/||e(old)|| e(old) + L2 ||v||/||e(new)|| e(new) (Dai et al.); "
+                   "eleuther: v <- v - 2 e(old) + 2 e(new) (EleutherAI, EasyEdit) (default: %(default)s)")
+    e.add_argument("--edit-lambdas", type=float, nargs=2, metavar=("L1", "L2"),
+                   default=(EditOptions.norm_lambda1, EditOptions.norm_lambda2),
+                   help="norm_lambda1 / norm_lambda2 of the dai rule (default: 1 8, as Dai et al.)")
+    e.add_argument("--erase-top", type=int, default=EditOptions.erase_top, metavar="N",
+                   help="erase a relation by zeroing its N most frequent knowledge neurons (default: %(default)s)")
+    e.add_argument("--save-edited", metavar="DIR",
+                   help="save_pretrained each model with its first edited fact updated to DIR/<label> "
+                   "(with edit_info.json); nothing is saved without it")
     r = p.add_argument_group("run control")
     r.add_argument("--fresh", action="store_true",
                    help="recompute every fact instead of resuming from <out>/.kn_cache")

@@ -19,6 +19,7 @@ from analysis import (
 )
 from attention_figures import plot_hidden_attention, plot_subject_flow
 from attention_neurons import gpt2_subject_attention, mamba_attention_analysis
+from editing_stage import editing_report, editing_stage, editing_table
 from errors import UserError
 from facts import Fact
 from figures import plot_interventions, plot_jaccard_matrix, plot_layer_distribution
@@ -81,6 +82,11 @@ def run_knowledge(args: argparse.Namespace, facts: Sequence[Fact], names: dict[s
     if not distributed.is_main():
         return
     print(knowledge_tables({LABELS[a]: d.result for a, d in done.items()}))
+
+
+def run_edit(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
+    done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
+    print(editing_table(editing_stage(args, done, arguments(args)).docs))
 
 
 def _attention_figures(model, tokenizer, facts: Sequence[Fact], out: Path, n_layers: int,
@@ -165,6 +171,7 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
                                                progress=not args.quiet, label=LABELS[arch]),
             "statistics": relation_statistics(d.result, args),
         }
+    editing = editing_stage(args, done, arguments(args))
     results = {LABELS[a]: d.result for a, d in done.items()}
     summaries = {LABELS[a]: m["interventions"]["summary"] for a, m in per_model.items()}
     figures = {
@@ -201,12 +208,17 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
             **{f"{arch}_knowledge_neurons_scores": d.doc["scores_file"] for arch, d in done.items()},
             "mamba_analysis": "mamba_analysis.json",
             "report": "report.md",
-            "figures": {**{k: str(v.relative_to(out)) for k, v in figures.items()}, **attention["figures"]},
+            "knowledge_editing": editing.files,
+            "figures": {**{k: str(v.relative_to(out)) for k, v in figures.items()}, **attention["figures"],
+                        "knowledge_editing": editing.figure},
         },
     }
     write_json(out / "mamba_comprehensive_analysis.json", doc)
-    write_text(out / "report.md", comprehensive_report(doc, results, per_model, attention, caveat))
+    write_text(out / "report.md", comprehensive_report(doc, results, per_model, attention, caveat)
+               + editing_report(editing))
     print(knowledge_tables(results))
     print()
     print(interventions_table(summaries))
+    print()
+    print(editing_table(editing.docs))
     log.info("wrote %s and %s", out / "mamba_comprehensive_analysis.json", out / "report.md")

@@ -105,6 +105,26 @@ class Adapter:
         """(rows, width) neurons -> (rows, d_model) contribution to the residual stream."""
         return self.neuron_module(layer)(acts)
 
+    def value_slots(self, layer: int) -> Tensor:
+        """(width, d_model) view of the output projection's weight: row i is neuron i's value slot, the vector
+        the neuron's activation scales into the residual stream (Geva et al. 2021). Writing into it edits the model.
+
+        nn.Linear stores (out, in), so its slots are the weight's columns; transformers' Conv1D (GPT-2) stores
+        (in, out), so its slots are the weight's rows.
+        """
+        from transformers.pytorch_utils import Conv1D  # deferred: importing transformers costs seconds
+
+        module = self.neuron_module(layer)
+        if isinstance(module, nn.Linear):
+            return module.weight.T
+        if isinstance(module, Conv1D):
+            return module.weight
+        raise NotImplementedError(f"{type(self).__name__}: no value slots for a {type(module).__name__} projection")
+
+    def output_embedding(self, token: int) -> Tensor:
+        """(d_model,) the output-embedding (unembedding) row of `token`: e(y) in Dai et al.'s update rule."""
+        return self.model.get_output_embeddings().weight[token]
+
     def step(self, layer: int, h: Tensor, state: Any, index: Tensor) -> Tensor:
         """(rows, d_model) block input at the last position -> (rows, d_model) block output (see `pre_neurons`)."""
         resid, acts = self.pre_neurons(layer, h, state, index)

@@ -169,6 +169,10 @@ BAD_FILES = {
     "id_type": ([line(id=7)], 1, "id must be a string"),
     "id_pattern": ([line(id="Capital-France")], 1, "a-z, 0-9"),
     "empty_subject": ([line(subject="")], 1, "subject must not be empty"),
+    "new_answer_type": ([line(new_answer=3)], 1, "new_answer must be a non-empty string"),
+    "new_answer_blank": ([line(new_answer=" ")], 1, "new_answer must be a non-empty string"),
+    "new_answer_space": ([line(new_answer=" Rome")], 1, "whitespace"),
+    "new_answer_same": ([line(new_answer="Paris")], 1, "is the answer itself"),
 }
 
 
@@ -210,3 +214,12 @@ def test_invalid_utf8_names_file_line_and_byte(tmp_path):
     column = second.index(b"\xe7") + 1
     assert str(info.value) == f"{path}:2: not valid UTF-8 (byte 0xe7 at byte {column} of the line); save the file " \
         "as UTF-8"
+
+
+def test_new_answer_is_optional_and_read(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    path.write_text("\n".join([line(new_answer="Rome"), OTHER, json.dumps({**json.loads(OTHER), "id": "b",
+                                                                           "new_answer": None})]) + "\n")
+    first, second, third = load_facts(path)
+    assert first.new_answer == "Rome"
+    assert second.new_answer is None and third.new_answer is None
