@@ -41,7 +41,7 @@ from tqdm import tqdm
 from errors import UserError
 from facts import Fact
 from knowledge_neurons import Neuron
-from models import GPT2Adapter, SSMAdapter, SSMInputs, adapter_for
+from models import SSMAdapter, SSMInputs, adapter_for
 from tokens import encode, subject_positions
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,6 @@ def segsum(x: Tensor) -> Tensor:
     return sums.masked_fill_(below.T, -torch.inf)
 
 
-def _group(s: SSMInputs, units: slice | Tensor) -> Tensor:
-    """(c,) the B / C group of some decay units (units are split evenly over the groups, in order)."""
-    H, G = s.dt.shape[1], s.B.shape[1]
-    return (torch.arange(H, device=s.dt.device) // (H // G))[units]
-
-
 def per_channel(s: SSMInputs, values: Tensor) -> Tensor:
     """(H, ...) values of the decay units -> (d_inner, ...) the value of each channel's unit."""
     return values.repeat_interleave(s.u.shape[1] // s.dt.shape[1], dim=0)
@@ -109,19 +103,7 @@ def _alpha(s: SSMInputs, units: slice | Tensor) -> Tensor:
     CB = torch.einsum("ign,jgn->gnij", s.C, s.B)  # (G, d_state, T, T) C_i[n] B_j[n] of each group
     if decay.shape[1] == 1:  # one decay for all state entries (Mamba-2): contract the state first
         CB = CB.sum(1, keepdim=True)
-    return (decay * CB[_group(s, units)]).sum(1) * dt.T[:, None, :]
-
-
-def _alpha_last(s: SSMInputs, units: slice | Tensor) -> Tensor:
-    """The last row alpha_{T-1, j} of some decay units: (c, T); the segment sums x_{j+1} + ... + x_{T-1} are
-    suffix sums (the last row of `segsum`)."""
-    dt = s.dt[:, units]  # (T, c)
-    x = dt[..., None] * s.A[units]  # (T, c, d_state or 1) log-decay of each step
-    suffix = torch.cat([x[1:].flip(0).cumsum(0).flip(0), torch.zeros_like(x[:1])])  # sum_{k=j+1..T-1} x_k
-    CB = s.C[-1] * s.B  # (T, G, d_state) C_{T-1}[n] B_j[n]
-    if x.shape[-1] == 1:
-        CB = CB.sum(-1, keepdim=True)
-    return torch.einsum("jcn,jcn->cj", torch.exp(suffix), CB[:, _group(s, units)]) * dt.T
+    return (decay * CB[s.group(units)]).sum(1) * dt.T[:, None, :]
 
 
 def hidden_attention(model: nn.Module, input_ids: Tensor, layer: int, chunk: int = CHUNK) -> Tensor:
@@ -159,7 +141,7 @@ def mean_abs_hidden_attention(model: nn.Module, input_ids: Tensor, layers: Seque
 def _flow(adapter: SSMAdapter, layer: int, s: SSMInputs, alpha_last: Tensor) -> Tensor:
     """(d_inner, T) contributions of each input token to every neuron's activation at the last position.
 
-    alpha_last: (units, T) the last row of the layer's hidden attention (`_alpha_last`).
+    alpha_last: (units, T) the last row of the layer's hidden attention (`SSMInputs.alpha_last`).
     """
     split = per_channel(s, alpha_last) * s.u.T  # (d_inner, T) alpha_{T-1,j} x_j: the SSM output y_{T-1} split
     split[:, -1] += per_channel(s, s.D) * s.u[-1]  # skip connection D x_{T-1}
@@ -179,7 +161,7 @@ def token_flow(model: nn.Module, input_ids: Tensor, layer: int, neurons: Sequenc
         raise UserError(f"neuron indices {bad} are outside 0..{adapter.width - 1}")
     with torch.no_grad():
         (s,) = _ssm_inputs(adapter, input_ids, [layer])
-        return _flow(adapter, layer, s, _alpha_last(s, slice(None)))[list(neurons)]
+        return _flow(adapter, layer, s, s.alpha_last(slice(None)))[list(neurons)]
 
 
 def _group_masks(T: int, subject_pos: Sequence[int]) -> Tensor:
@@ -228,27 +210,29 @@ def _table(masses: Tensor) -> dict:
     return {g: _floats(masses[:, k]) for k, g in enumerate(GROUPS)}
 
 
-def gpt2_subject_attention(model: nn.Module, tokenizer, facts: Sequence[Fact]) -> dict:
-    """GPT-2's attention mass from the last prompt token (the answer position) to subject / last / other tokens.
+def subject_mixing(model: nn.Module, tokenizer, facts: Sequence[Fact]) -> dict:
+    """How much the last prompt token (the answer position) reads from subject / last / other tokens, per layer.
 
-    Per layer, heads averaged; "mean" averages over all prompts of all facts, "facts" over each fact's prompts.
+    For every architecture through `Adapter.token_mixing`: a transformer's attention weights (heads averaged),
+    a state-space model's hidden attention (mean |alpha| over units, normalised). "mean" averages over all
+    prompts of all facts, "facts" over each fact's prompts.
     """
     adapter = adapter_for(model)
-    if not isinstance(adapter, GPT2Adapter):
-        raise UserError(f"subject attention needs a GPT-2 model, not a '{model.config.model_type}' model")
     if not facts:
-        raise UserError("subject attention needs at least one fact")
+        raise UserError("subject mixing needs at least one fact")
     per_fact: dict[str, Tensor] = {}
-    for fact in facts:
-        masses = []
-        for prompt in fact.prompts:
-            ids, _ = encode(tokenizer, prompt, fact.answer, fact.id)
-            weights = adapter.last_position_attention(torch.tensor(ids)).mean(1)  # (n_layers, T) heads averaged
-            masses.append(_shares(weights, subject_positions(tokenizer, prompt, fact.subject)))  # (n_layers, 3)
-        per_fact[fact.id] = torch.stack(masses)  # (prompts, n_layers, 3)
+    with torch.no_grad():
+        for fact in facts:
+            masses = []
+            for prompt in fact.prompts:
+                ids, _ = encode(tokenizer, prompt, fact.answer, fact.id)
+                weights = adapter.token_mixing(torch.tensor(ids))  # (n_layers, T)
+                masses.append(_shares(weights, subject_positions(tokenizer, prompt, fact.subject)))  # (n_layers, 3)
+            per_fact[fact.id] = torch.stack(masses)  # (prompts, n_layers, 3)
     every = torch.cat(list(per_fact.values()))
-    log.info("GPT-2 subject attention: %d facts, %d prompts", len(per_fact), len(every))
+    log.info("subject mixing (%s): %d facts, %d prompts", adapter.token_mixing_kind, len(per_fact), len(every))
     return {
+        "kind": adapter.token_mixing_kind,
         "n_layers": adapter.n_layers,
         "n_prompts": len(every),
         "mean": _table(every.mean(0)),
@@ -300,7 +284,7 @@ def _prompt_analysis(adapter: SSMAdapter, tokenizer, fact: Fact, prompt: str, ne
     masses, records = [], []
     for layer, x in enumerate(inputs):
         s = adapter.ssm_inputs(layer, x)
-        alpha_last = _alpha_last(s, slice(None))  # (units, T)
+        alpha_last = s.alpha_last(slice(None))  # (units, T)
         masses.append(_shares(alpha_last.abs().mean(0)[None], subject)[0])  # channel-averaged |alpha_{T-1, j}|
         mine = [(int(i), float(score)) for lay, i, score in neurons if lay == layer]
         if not mine:

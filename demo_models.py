@@ -83,6 +83,10 @@ CLASSES = {  # architecture -> (config class, model class) of transformers
 }
 ARCHS = tuple(CLASSES)
 DEFAULT_ARCHS = ("gpt2", "mamba")
+HUB_ARCHS = {  # real checkpoints whose architecture a demo model stands in for, offline
+    "gpt2": "gpt2", "EleutherAI/pythia-160m": "gpt_neox", "state-spaces/mamba-130m-hf": "mamba",
+    "tiiuae/falcon-mamba-7b": "falcon_mamba",
+}
 
 # ----------------------------------------------------------------------------------------------------------
 # where the models live
@@ -364,6 +368,12 @@ def ensure_demo_models(facts: Sequence[Fact] = FACTS, cache_dir: str | Path | No
                     _build(arch, facts, folder, progress)
         folders[arch] = folder
     return folders
+
+
+def demo_architecture(name: str) -> str | None:
+    """The demo architecture that `name` asks for under --demo: an architecture name or a known hub name;
+    None for anything else (a local folder keeps its own model)."""
+    return name if name in ARCHS else HUB_ARCHS.get(name)
 
 
 def is_demo_model(path: str | Path) -> bool:

@@ -103,27 +103,32 @@ def interventions(label: str, summary: dict, result: ModelResult) -> list[str]:
     return lines
 
 
-def attention(analysis: dict, gpt2: dict) -> list[str]:
-    """Where Mamba's knowledge neurons read from, and where GPT-2 attends from the answer position."""
-    overall = analysis["overall"]
+def attention(label: str, entry: dict) -> list[str]:
+    """Where one model's knowledge neurons read from (state-space models) and where its answer position mixes
+    from. entry: one model of mamba_analysis.json's `models`."""
     lines = []
-    if overall["n"] == 0:
-        lines.append("Mamba: no knowledge neurons, so there is no token flow to report.")
-    else:
-        a = overall["absolute"]
-        subject = [e["flow"]["absolute"]["subject"] for e in analysis["by_layer"]]
-        peak = max((v, k) for k, v in enumerate(subject) if v is not None)
-        lines.append(
-            f"Mamba: its knowledge neurons take {pct(a['subject'])} of their |contributions| from subject tokens, "
-            f"{pct(a['last'])} from the last token and {pct(a['other'])} from the others ({overall['n']} "
-            f"neuron-prompt pairs); the subject share is largest in layer {peak[1]} ({pct(peak[0])})."
-        )
-    subject = gpt2["mean"]["subject"]
-    defined = [(v, k) for k, v in enumerate(subject) if v is not None]
+    analysis = entry["hidden_attention"]
+    if analysis is not None:
+        overall = analysis["overall"]
+        if overall["n"] == 0:
+            lines.append(f"{label}: no knowledge neurons, so there is no token flow to report.")
+        else:
+            a = overall["absolute"]
+            subject = [e["flow"]["absolute"]["subject"] for e in analysis["by_layer"]]
+            peak = max((v, k) for k, v in enumerate(subject) if v is not None)
+            lines.append(
+                f"{label}: its knowledge neurons take {pct(a['subject'])} of their |contributions| from subject "
+                f"tokens, {pct(a['last'])} from the last token and {pct(a['other'])} from the others "
+                f"({overall['n']} neuron-prompt pairs); the subject share is largest in layer {peak[1]} "
+                f"({pct(peak[0])})."
+            )
+    mixing = entry["token_mixing"]
+    defined = [(v, k) for k, v in enumerate(mixing["mean"]["subject"]) if v is not None]
     if defined:
         peak = max(defined)
+        what = "hidden attention" if analysis is not None else "attention"
         lines.append(
-            f"GPT-2: attention from the answer position puts {pct(float(np.mean([v for v, _ in defined])))} on "
+            f"{label}: {what} from the answer position puts {pct(float(np.mean([v for v, _ in defined])))} on "
             f"subject tokens on average over layers, most in layer {peak[1]} ({pct(peak[0])})."
         )
     return lines

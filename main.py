@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -35,6 +36,7 @@ MODES = {
     "through knowledge neurons vs random neurons -> gpt2_knowledge_editing.json, mamba_knowledge_editing.json",
 }
 DEFAULT_MODELS = {"gpt2": "gpt2", "mamba": "state-spaces/mamba-130m-hf"}
+LABEL_PATTERN = re.compile(r"^[a-z0-9_]+$")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "built once and cached) instead of gpt2 / state-spaces/mamba-130m-hf")
     m.add_argument("--demo-cache", metavar="DIR", help="folder for the demo models (default: $KN_DEMO_CACHE or "
                    "~/.cache/knowledge-neurons/demo)")
+    m.add_argument("--models", metavar="LABEL=NAME|PATH,...",
+                   help="any number of models side by side, e.g. gpt2=gpt2,pythia=EleutherAI/pythia-160m,"
+                   "mamba=state-spaces/mamba-130m-hf; LABEL ([a-z0-9_]+) names the output files "
+                   "(<label>_knowledge_neurons.json); architectures: GPT-2, GPT-NeoX (Pythia), Mamba, Mamba-2, "
+                   "Falcon-Mamba. With --demo a NAME may be an architecture (gpt2, gpt_neox, mamba, mamba2, "
+                   "falcon_mamba) or one of the hub names above: its demo model is used. "
+                   "(default: gpt2 and mamba, as --gpt2-model and --mamba-model)")
     m.add_argument("--gpt2-model", metavar="NAME|PATH", help="GPT-2 model: hub name or local folder (default: gpt2)")
     m.add_argument("--mamba-model", metavar="NAME|PATH",
                    help="Mamba model: hub name or local folder (default: state-spaces/mamba-130m-hf)")
@@ -106,15 +115,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_names(args: argparse.Namespace, facts) -> dict[str, str]:
-    """Which model each architecture uses: explicit options > demo models > the hub defaults."""
-    names = dict(DEFAULT_MODELS)
-    if args.demo:
-        from demo_models import ensure_demo_models
+def parse_models(text: str) -> dict[str, str]:
+    """'LABEL=NAME,LABEL=NAME' -> {label: name}, in the order given."""
+    models: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        label, sep, name = item.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"--models: {item!r} is not LABEL=NAME_OR_PATH")
+        if not LABEL_PATTERN.match(label.strip()):
+            raise UserError(f"--models: label {label!r} must match [a-z0-9_]+ (it names the output files)")
+        if label.strip() in models:
+            raise UserError(f"--models: label {label!r} is given twice")
+        models[label.strip()] = name.strip()
+    if not models:
+        raise UserError("--models names no model: give LABEL=NAME_OR_PATH[,LABEL=NAME_OR_PATH...]")
+    return models
 
-        names = {k: str(v) for k, v in ensure_demo_models(facts, args.demo_cache, progress=not args.quiet).items()}
-    names.update({k: v for k, v in (("gpt2", args.gpt2_model), ("mamba", args.mamba_model)) if v})
-    return names
+
+def model_names(args: argparse.Namespace, facts) -> tuple[dict[str, str], dict[str, str]]:
+    """(label -> model name or folder, label -> the architecture that label must have).
+
+    Without --models: GPT-2 and Mamba (labels gpt2 and mamba, each bound to its architecture); explicit options >
+    demo models > the hub defaults. With --models: the models given, any supported architecture; under --demo, a
+    name that is an architecture or a known hub name stands for that architecture's demo model.
+    """
+    if args.models:
+        if args.gpt2_model or args.mamba_model:
+            raise UserError("--models replaces --gpt2-model / --mamba-model: name those models in --models")
+        names, roles = parse_models(args.models), {}
+    else:
+        names, roles = dict(DEFAULT_MODELS), {k: k for k in DEFAULT_MODELS}
+    if args.demo:
+        from demo_models import demo_architecture, ensure_demo_models
+
+        wanted = {label: demo_architecture(name) for label, name in names.items()}
+        if not args.models:  # explicit --gpt2-model / --mamba-model keep their own model
+            wanted = {label: arch for label, arch in wanted.items() if not getattr(args, f"{label}_model")}
+        folders = ensure_demo_models(facts, args.demo_cache, progress=not args.quiet,
+                                     archs=list(dict.fromkeys(a for a in wanted.values() if a)))
+        names.update({label: str(folders[arch]) for label, arch in wanted.items() if arch})
+    if not args.models:
+        names.update({k: v for k, v in (("gpt2", args.gpt2_model), ("mamba", args.mamba_model)) if v})
+    return names, roles
 
 
 def load_facts_option(args: argparse.Namespace) -> list[Fact]:
@@ -139,8 +181,8 @@ def run(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     facts = load_facts_option(args)
     with distributed.local_rank_zero_first():  # --demo builds its models once per host
-        names = model_names(args, facts)
-    preflight.check_models(names, facts, args.baseline_prompt)
+        names, roles = model_names(args, facts)
+    preflight.check_models(names, facts, args.baseline_prompt, roles)
     caveat = demo_caveat(names)
     if caveat:
         log.info("note: %s; the results show the method at work, not what the real models know", caveat)

@@ -18,14 +18,14 @@ from analysis import (
     write_knowledge,
 )
 from attention_figures import plot_hidden_attention, plot_subject_flow
-from attention_neurons import gpt2_subject_attention, mamba_attention_analysis
+from attention_neurons import mamba_attention_analysis, subject_mixing
 from editing_stage import editing_report, editing_stage, editing_table
 from errors import UserError
 from facts import Fact
 from figures import plot_interventions, plot_jaccard_matrix, plot_layer_distribution
 from interventions import run_interventions
 from knowledge_neurons import KnowledgeNeurons
-from models import load_model
+from models import ADAPTERS, SSMAdapter, load_config, load_model
 from outputs import versions, write_json, write_text
 from report import LABELS, attention_table, comprehensive_report, demo_caveat, interventions_table
 from statistics_kn import bootstrap_ci, permutation_test
@@ -54,93 +54,120 @@ class Analysed:
     doc: dict
 
 
-def knowledge_stage(
-    args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str], archs: Sequence[str]
-) -> dict[str, Analysed]:
-    """Knowledge neurons of each architecture's model; writes <arch>_knowledge_neurons.json/.npz to --out."""
+def display(label: str) -> str:
+    """The name tables and figures use for a model label ("gpt2" -> "GPT-2"; other labels as given)."""
+    return LABELS.get(label, label)
+
+
+def knowledge_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> dict[str, Analysed]:
+    """Knowledge neurons of every model (label -> name); writes <label>_knowledge_neurons.json/.npz to --out."""
     options = options_from(args)
     out = Path(args.out)
     done = {}
-    for arch in archs:
-        model, tokenizer = load_model(names[arch], args.device)
-        if model.config.model_type != arch:
-            raise UserError(f"--{arch}-model {names[arch]} is a '{model.config.model_type}' model, not {arch}")
+    for label, name in names.items():
+        model, tokenizer = load_model(name, args.device)
         kn = KnowledgeNeurons(model, tokenizer)
-        attribute = partial(find_knowledge_neurons, kn, options=options, model_name=names[arch],
-                            cache_dir=out / ".kn_cache", resume=not args.fresh, label=LABELS[arch])
+        attribute = partial(find_knowledge_neurons, kn, options=options, model_name=name,
+                            cache_dir=out / ".kn_cache", resume=not args.fresh, label=display(label))
         result = distributed.shard_and_gather(attribute, kn, facts, progress=not args.quiet)
         if result is None:  # under torchrun, ranks other than 0 only attribute their share
             continue
-        doc = write_knowledge(result, tokenizer, out, f"{arch}_knowledge_neurons", {"arguments": arguments(args)})
-        log.info("wrote %s", out / f"{arch}_knowledge_neurons.json")
-        done[arch] = Analysed(result, kn, doc)
+        doc = write_knowledge(result, tokenizer, out, f"{label}_knowledge_neurons", {"arguments": arguments(args)})
+        log.info("wrote %s", out / f"{label}_knowledge_neurons.json")
+        done[label] = Analysed(result, kn, doc)
     return done
 
 
 def run_knowledge(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
-    done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
+    done = knowledge_stage(args, facts, names)
     if not distributed.is_main():
         return
-    print(knowledge_tables({LABELS[a]: d.result for a, d in done.items()}))
+    print(knowledge_tables({display(label): d.result for label, d in done.items()}))
 
 
 def run_edit(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
-    done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
+    done = knowledge_stage(args, facts, names)
+    if not distributed.is_main():
+        return
     print(editing_table(editing_stage(args, done, arguments(args)).docs))
 
 
-def _attention_figures(model, tokenizer, facts: Sequence[Fact], out: Path, n_layers: int,
+def _attention_figures(model, tokenizer, facts: Sequence[Fact], folder: Path, prefix: str, n_layers: int,
                        caveat: str | None) -> list[Path]:
-    """Channel-averaged hidden-attention maps of each fact's first prompt at four layers across the depth."""
+    """Unit-averaged hidden-attention maps of each fact's first prompt at four layers across the depth."""
     layers = sorted({round(k * (n_layers - 1) / 3) for k in range(4)})
     return [
-        plot_hidden_attention(model, tokenizer, f.prompts[0], layers, out / f"hidden_attention_{f.id}.png",
+        plot_hidden_attention(model, tokenizer, f.prompts[0], layers, folder / f"{prefix}{f.id}.png",
                               subject=f.subject, caveat=caveat)
         for f in facts
     ]
 
 
-def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str],
-                    mamba: Analysed, gpt2_kn: KnowledgeNeurons | None = None) -> dict:
-    """Hidden attention and token -> knowledge-neuron flow for Mamba, GPT-2 attention beside it.
+def state_space_labels(names: dict[str, str]) -> list[str]:
+    """The labels of the models whose token mixing is a selective scan (hidden attention, exact token flow)."""
+    return [label for label, name in names.items() if issubclass(ADAPTERS[load_config(name).model_type], SSMAdapter)]
 
-    Writes mamba_analysis.json and the figures under <out>/figures; returns the JSON document. The GPT-2
-    model is loaded unless `gpt2_kn` already holds it.
+
+def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str],
+                    done: dict[str, Analysed]) -> dict:
+    """Token mixing of every model from the answer position (a transformer's attention, a state-space model's
+    hidden attention), and for state-space models the exact token -> knowledge-neuron flow and hidden-attention
+    maps. `done` holds the knowledge stage of (at least) the state-space models; other models are loaded.
+
+    Writes mamba_analysis.json and the figures under <out>/figures; returns the JSON document. Its top-level
+    `hidden_attention` / `gpt2_attention` are those of the first state-space model / first transformer.
     """
-    result, kn = mamba.result, mamba.kn
-    out = Path(args.out)
-    caveat = demo_caveat(names)
-    analysis = mamba_attention_analysis(kn.model, kn.tokenizer, facts, result.refined, progress=not args.quiet,
-                                        label=LABELS["mamba"])
-    gpt2_model, gpt2_tokenizer = (gpt2_kn.model, gpt2_kn.tokenizer) if gpt2_kn else load_model(names["gpt2"],
-                                                                                             args.device)
-    gpt2 = gpt2_subject_attention(gpt2_model, gpt2_tokenizer, facts)
-    maps = _attention_figures(kn.model, kn.tokenizer, facts, out / "figures", kn.n_layers, caveat)
-    flow = plot_subject_flow(analysis, out / "figures" / "subject_flow_by_layer.png", gpt2, caveat)
+    out, caveat = Path(args.out), demo_caveat(names)
+    ssm = state_space_labels(names)
+    models, maps, flows = {}, [], {}
+    for label, name in names.items():
+        kn = done[label].kn if label in done else KnowledgeNeurons(*load_model(name, args.device))
+        entry = {"model": name, "architecture": kn.model.config.model_type,
+                 "token_mixing": subject_mixing(kn.model, kn.tokenizer, facts), "hidden_attention": None}
+        if label in ssm:
+            entry["hidden_attention"] = mamba_attention_analysis(kn.model, kn.tokenizer, facts,
+                                                                 done[label].result.refined, progress=not args.quiet,
+                                                                 label=display(label))
+            first = label == ssm[0]  # the first keeps the file names of the default pair
+            maps += _attention_figures(kn.model, kn.tokenizer, facts, out / "figures",
+                                       "hidden_attention_" if first else f"hidden_attention_{label}_", kn.n_layers,
+                                       caveat)
+        models[label] = entry
+    transformers_ = [label for label in names if label not in ssm]
+    beside = models[transformers_[0]]["token_mixing"] if transformers_ else None
+    for label in ssm:
+        path = out / "figures" / ("subject_flow_by_layer.png" if label == ssm[0] else f"subject_flow_{label}.png")
+        flows[label] = plot_subject_flow(models[label]["hidden_attention"], path, beside, caveat)
+    options = next(iter(done.values())).result.options
     doc = {
-        "model": result.name,
-        "gpt2_model": names["gpt2"],
-        "options": asdict(result.options),
+        "model": names[ssm[0]] if ssm else None,
+        "gpt2_model": names[transformers_[0]] if transformers_ else None,
+        "options": asdict(options),
         "arguments": arguments(args),
-        "seed": result.options.seed,
+        "seed": options.seed,
         "versions": versions(),
-        "hidden_attention": analysis,
-        "gpt2_attention": gpt2,
+        "hidden_attention": models[ssm[0]]["hidden_attention"] if ssm else None,
+        "gpt2_attention": beside,
+        "models": models,
         "figures": {
             "hidden_attention": [str(f.relative_to(out)) for f in maps],
-            "subject_flow": str(flow.relative_to(out)),
+            **({"subject_flow": str(flows[ssm[0]].relative_to(out))} if ssm else {}),
+            "subject_flow_by_model": {label: str(f.relative_to(out)) for label, f in flows.items()},
         },
     }
     write_json(out / "mamba_analysis.json", doc)
-    log.info("wrote %s and %d figures", out / "mamba_analysis.json", len(maps) + 1)
+    log.info("wrote %s and %d figures", out / "mamba_analysis.json", len(maps) + len(flows))
     return doc
 
 
 def run_attention(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
-    stage = knowledge_stage(args, facts, names, ("mamba",))
+    ssm = state_space_labels(names)
+    if not ssm:
+        raise UserError("attention mode needs a state-space model (Mamba, Mamba-2, Falcon-Mamba) among the models")
+    stage = knowledge_stage(args, facts, {label: names[label] for label in ssm})
     if not distributed.is_main():
         return
-    doc = attention_stage(args, facts, names, stage["mamba"])
+    doc = attention_stage(args, facts, names, stage)
     print(attention_table(doc))
 
 
@@ -160,57 +187,61 @@ def relation_statistics(result: ModelResult, args: argparse.Namespace) -> dict:
 def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
     out = Path(args.out)
     caveat = demo_caveat(names)
-    done = knowledge_stage(args, facts, names, ("gpt2", "mamba"))
+    done = knowledge_stage(args, facts, names)
     if not distributed.is_main():  # the later stages run on rank 0 alone
         return
-    attention = attention_stage(args, facts, names, done["mamba"], gpt2_kn=done["gpt2"].kn)
+    attention = attention_stage(args, facts, names, done) if state_space_labels(names) else None
     per_model = {}
-    for arch, d in done.items():
-        per_model[arch] = {
+    for label, d in done.items():
+        per_model[label] = {
             "interventions": run_interventions(d.kn, facts, d.result.refined, args.random_draws, args.seed,
-                                               progress=not args.quiet, label=LABELS[arch]),
+                                               progress=not args.quiet, label=display(label)),
             "statistics": relation_statistics(d.result, args),
         }
     editing = editing_stage(args, done, arguments(args))
-    results = {LABELS[a]: d.result for a, d in done.items()}
-    summaries = {LABELS[a]: m["interventions"]["summary"] for a, m in per_model.items()}
+    results = {display(label): d.result for label, d in done.items()}
+    summaries = {display(label): m["interventions"]["summary"] for label, m in per_model.items()}
     figures = {
         "layer_distribution": plot_layer_distribution(results, out / "figures" / "knowledge_neurons_per_layer.png",
                                                       caveat),
         "interventions": plot_interventions(summaries, out / "figures" / "interventions.png", caveat),
-        **{f"jaccard_{arch}": plot_jaccard_matrix(d.result, LABELS[arch], out / "figures" / f"jaccard_{arch}.png",
-                                                  caveat)
-           for arch, d in done.items()},
+        **{f"jaccard_{label}": plot_jaccard_matrix(d.result, display(label), out / "figures" / f"jaccard_{label}.png",
+                                                   caveat)
+           for label, d in done.items()},
     }
-    mamba_result = done["mamba"].result
+    main = next((label for label in (attention or {}).get("models", {}) if attention["models"][label][
+        "hidden_attention"] is not None), next(iter(done)))  # the first state-space model, else the first model
     doc = {
-        "model": mamba_result.name,
-        "options": {**asdict(mamba_result.options), "random_draws": args.random_draws,
+        "model": done[main].result.name,
+        "label": main,
+        "options": {**asdict(done[main].result.options), "random_draws": args.random_draws,
                     "permutations": args.permutations, "bootstrap": args.bootstrap},
         "arguments": arguments(args),
         "seed": args.seed,
         "versions": versions(),
-        "knowledge_neurons": done["mamba"].doc,
-        "hidden_attention": attention["hidden_attention"],
-        "interventions": per_model["mamba"]["interventions"],
-        "statistics": per_model["mamba"]["statistics"],
+        "knowledge_neurons": done[main].doc,
+        "hidden_attention": attention["models"][main]["hidden_attention"] if attention else None,
+        "interventions": per_model[main]["interventions"],
+        "statistics": per_model[main]["statistics"],
         "comparison": {
-            "gpt2": {
-                "model": done["gpt2"].result.name,
-                "layer_distribution": done["gpt2"].result.layer_distribution,
-                "interventions": per_model["gpt2"]["interventions"],
-                "statistics": per_model["gpt2"]["statistics"],
-                "attention": attention["gpt2_attention"],
-            },
+            label: {
+                "model": d.result.name,
+                "layer_distribution": d.result.layer_distribution,
+                "interventions": per_model[label]["interventions"],
+                "statistics": per_model[label]["statistics"],
+                "attention": attention["models"][label]["token_mixing"] if attention else None,
+                "hidden_attention": attention["models"][label]["hidden_attention"] if attention else None,
+            }
+            for label, d in done.items() if label != main
         },
         "files": {
-            **{f"{arch}_knowledge_neurons": f"{arch}_knowledge_neurons.json" for arch in done},
-            **{f"{arch}_knowledge_neurons_scores": d.doc["scores_file"] for arch, d in done.items()},
-            "mamba_analysis": "mamba_analysis.json",
+            **{f"{label}_knowledge_neurons": f"{label}_knowledge_neurons.json" for label in done},
+            **{f"{label}_knowledge_neurons_scores": d.doc["scores_file"] for label, d in done.items()},
+            **({"mamba_analysis": "mamba_analysis.json"} if attention else {}),
             "report": "report.md",
             "knowledge_editing": editing.files,
-            "figures": {**{k: str(v.relative_to(out)) for k, v in figures.items()}, **attention["figures"],
-                        "knowledge_editing": editing.figure},
+            "figures": {**{k: str(v.relative_to(out)) for k, v in figures.items()},
+                        **(attention["figures"] if attention else {}), "knowledge_editing": editing.figure},
         },
     }
     write_json(out / "mamba_comprehensive_analysis.json", doc)

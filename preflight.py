@@ -58,16 +58,22 @@ def check_context(option: str, name: str, limit: int, tokenizer, facts: Sequence
         raise UserError(f"--baseline-prompt is longer than the {limit} positions of {option} {name}")
 
 
-def check_models(names: Mapping[str, str], facts: Sequence[Fact], baseline_prompt: str | None = None) -> None:
-    """names: role -> model name or folder; the role is the architecture the model must have ("gpt2", "mamba").
+def check_models(names: Mapping[str, str], facts: Sequence[Fact], baseline_prompt: str | None = None,
+                 roles: Mapping[str, str] | None = None) -> None:
+    """names: label -> model name or folder; roles: label -> the architecture that label's model must have
+    (--gpt2-model must be a GPT-2); labels without a role may be any supported architecture (--models).
 
     Reads each model's config (and, where the model has a context limit, its tokenizer), never the weights.
     """
-    for role, name in names.items():
-        option = f"--{role}-model"
+    roles = roles or {}
+    for label, name in names.items():
+        option = f"--{label}-model" if label in roles else f"--models {label}="
         config = load_config(name)
-        if config.model_type != role:
-            raise UserError(f"{option} {name} is a '{config.model_type}' model, not {role}")
+        if label in roles and config.model_type != roles[label]:
+            raise UserError(f"{option} {name} is a '{config.model_type}' model, not {roles[label]}")
+        if config.model_type not in ADAPTERS:
+            raise UserError(f"{option} {name} is a '{config.model_type}' model; "
+                            f"supported: {', '.join(ADAPTERS)}")
         limit = ADAPTERS[config.model_type].max_positions(config)
         if limit is not None:
             check_context(option, name, limit, load_tokenizer(name), facts, baseline_prompt)

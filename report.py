@@ -41,20 +41,22 @@ def interventions_table(summaries: dict[str, dict]) -> str:
 
 
 def attention_table(doc: dict) -> str:
-    """Per layer: where Mamba's knowledge neurons read from, next to GPT-2's attention from the answer position."""
-    by_layer = doc["hidden_attention"]["by_layer"]
-    gpt2 = doc["gpt2_attention"]["mean"]
-    rows = []
-    for layer in range(max(len(by_layer), len(gpt2["subject"]))):
-        flow = by_layer[layer]["flow"] if layer < len(by_layer) else {"n": None, "absolute": {}}
-        g = {k: v[layer] if layer < len(v) else None for k, v in gpt2.items()}
-        rows.append([layer, flow["n"], *(flow["absolute"].get(k) for k in ("subject", "last", "other")),
-                     g["subject"], g["last"], g["other"]])
-    headers = ["layer", "Mamba KN x prompts", "flow subject", "flow last", "flow other", "GPT-2 attn subject",
-               "attn last", "attn other"]
+    """Per layer and model: the share of the answer position's token mixing on subject tokens, and for
+    state-space models the subject share of their knowledge neurons' |contributions| (exact token flow)."""
+    models = doc["models"]
+    headers, columns = ["layer"], []
+    for label, entry in models.items():
+        headers.append(f"{LABELS.get(label, label)} mixing subj")
+        columns.append(entry["token_mixing"]["mean"]["subject"])
+        if entry["hidden_attention"] is not None:
+            headers.append(f"{LABELS.get(label, label)} KN flow subj")
+            columns.append([e["flow"]["absolute"]["subject"] for e in entry["hidden_attention"]["by_layer"]])
+    depth = max(len(c) for c in columns)
+    rows = [[layer, *(c[layer] if layer < len(c) else None for c in columns)] for layer in range(depth)]
     return (
-        "Token -> knowledge-neuron flow in Mamba (absolute shares) and GPT-2 attention from the answer position "
-        "(heads averaged)\n\n" + table(headers, rows)
+        "Subject share per layer: of the answer position's token mixing (transformers: attention weights, heads "
+        "averaged; state-space models: hidden attention) and of the state-space models' knowledge-neuron "
+        "|contributions| (exact token flow)\n\n" + table(headers, rows)
     )
 
 
@@ -92,7 +94,7 @@ def comprehensive_report(doc: dict, results: dict[str, ModelResult], per_model: 
     """
     o = doc["options"]
     figs = doc["files"]["figures"]
-    labels = {LABELS[a]: m for a, m in per_model.items()}
+    labels = {LABELS.get(a, a): m for a, m in per_model.items()}
     summaries = {lab: m["interventions"]["summary"] for lab, m in labels.items()}
     demo = [
         f"> **Demo models.** {caveat}. They are small enough to train here in seconds and were trained on exactly "
@@ -101,7 +103,7 @@ def comprehensive_report(doc: dict, results: dict[str, ModelResult], per_model: 
         "",
     ] if caveat else []
     lines = [
-        "# Knowledge neurons in GPT-2 and Mamba",
+        f"# Knowledge neurons in {' and '.join(results)}" if len(results) <= 2 else "# Knowledge neurons",
         "",
         *demo,
         f"Models: {', '.join(f'{lab} `{r.name}`' for lab, r in results.items())}. "
@@ -125,7 +127,7 @@ def comprehensive_report(doc: dict, results: dict[str, ModelResult], per_model: 
         "",
         *[_stats_line(lab, m["statistics"]) for lab, m in labels.items()],
         "",
-        *[f"![Jaccard {lab}]({figs[f'jaccard_{arch}']})" for arch, lab in LABELS.items() if f"jaccard_{arch}" in figs],
+        *[f"![Jaccard {LABELS.get(label, label)}]({figs[f'jaccard_{label}']})" for label in per_model],
         "",
         "## Causal checks",
         "",
@@ -139,26 +141,37 @@ def comprehensive_report(doc: dict, results: dict[str, ModelResult], per_model: 
         "",
         _md_table(interventions_table(summaries)),
         "",
-        "## Where Mamba's knowledge neurons read from",
+    ]
+    if attention is not None:
+        lines += _attention_section(attention, figs)
+    return "\n".join(lines)
+
+
+def _attention_section(attention: dict, figs: dict) -> list[str]:
+    """Where the state-space models' knowledge neurons read from, and every model's token mixing."""
+    flows = figs.get("subject_flow_by_model", {})
+    return [
+        "## Where the knowledge neurons read from",
         "",
-        "Hidden attention (Ali et al. 2024) decomposes each knowledge neuron's activation at the answer position "
-        "exactly over input tokens. The figure and table give absolute shares (a group's |contributions| over all "
-        "|contributions|); the signed shares are in the JSON. Mamba's hidden attention over all channels and "
-        "GPT-2's head-averaged attention from the answer position are shown beside them.",
+        "Hidden attention (Ali et al. 2024) decomposes each knowledge neuron's activation of a state-space model at "
+        "the answer position exactly over input tokens. The figures and table give absolute shares (a group's "
+        "|contributions| over all |contributions|); the signed shares are in the JSON. Each model's token mixing "
+        "from the answer position (hidden attention over all units, or a transformer's head-averaged attention) "
+        "is shown beside them.",
         "",
-        *_bullets(findings.attention(attention["hidden_attention"], attention["gpt2_attention"])),
+        *_bullets([line for label, entry in attention["models"].items()
+                   for line in findings.attention(LABELS.get(label, label), entry)]),
         "",
-        f"![subject flow]({figs['subject_flow']})",
+        *[f"![subject flow {LABELS.get(label, label)}]({path})" for label, path in flows.items()],
         "",
         _md_table(attention_table(attention)),
         "",
         "### Hidden-attention maps",
         "",
-        "Channel-averaged |α| of each fact's first prompt at four layers across the depth, one colour scale per "
+        "Unit-averaged |α| of each fact's first prompt at four layers across the depth, one colour scale per "
         "figure; red labels mark the subject tokens, the red box the last prompt token (it predicts the answer).",
         "",
         *[f"![hidden attention {Path(f).stem.removeprefix('hidden_attention_')}]({f})"
           for f in figs["hidden_attention"]],
         "",
     ]
-    return "\n".join(lines)

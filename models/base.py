@@ -82,6 +82,15 @@ class Adapter:
     def final_norm(self) -> nn.Module:
         raise NotImplementedError
 
+    token_mixing_kind: str  # what `token_mixing` measures, for the output files
+
+    def token_mixing(self, input_ids: Tensor) -> Tensor:
+        """How much the last position reads from each position, per layer: (n_layers, T), rows >= 0 summing to 1.
+
+        input_ids: (T,). A transformer's attention weights, a state-space model's hidden attention.
+        """
+        raise NotImplementedError
+
     # --- shared --------------------------------------------------------------------------------------------
     @classmethod
     def max_positions(cls, config: Any) -> int | None:

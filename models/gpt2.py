@@ -53,6 +53,11 @@ class GPT2Adapter(Adapter):
     def stack_states(self, states: list[KV]) -> KV:
         return KV.stack(states)
 
+    token_mixing_kind = "attention weights of the last position, heads averaged"
+
+    def token_mixing(self, input_ids: Tensor) -> Tensor:
+        return self.last_position_attention(input_ids).mean(1)
+
     def last_position_attention(self, input_ids: Tensor) -> Tensor:
         """input_ids (T,) -> (n_layers, heads, T): every layer's attention weights of the last position."""
         inputs, _, _ = self.block_io(input_ids)

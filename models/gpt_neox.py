@@ -61,6 +61,22 @@ class GPTNeoXAdapter(Adapter):
     def stack_states(self, states: list[KV]) -> KV:
         return KV.stack(states)
 
+    token_mixing_kind = "attention weights of the last position, heads averaged"
+
+    def token_mixing(self, input_ids: Tensor) -> Tensor:
+        return self.last_position_attention(input_ids).mean(1)
+
+    def last_position_attention(self, input_ids: Tensor) -> Tensor:
+        """input_ids (T,) -> (n_layers, heads, T): every layer's attention weights of the last position."""
+        inputs, _, _ = self.block_io(input_ids)
+        rows = []
+        with torch.no_grad():
+            for layer, x in enumerate(inputs):  # x: (T, d_model) block input
+                state = self.layer_state(layer, x[:-1])
+                q, k, _ = self._qkv(layer, x[-1:], state.position)
+                rows.append(last_position_weights(q, k, state, state.position * 0, self.head_dim**-0.5)[0])
+        return torch.stack(rows)
+
     def pre_neurons(self, layer: int, h: Tensor, state: KV, index: Tensor) -> tuple[Tensor, Tensor]:
         block = self.layers[layer]
         q, k, v = self._qkv(layer, h, state.position[index])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from models.base import Adapter
@@ -43,6 +44,25 @@ class SSMInputs:
     A: Tensor
     D: Tensor
 
+    def group(self, units: slice | Tensor) -> Tensor:
+        """(c,) the B / C group of some decay units (units are split evenly over the groups, in order)."""
+        H, G = self.dt.shape[1], self.B.shape[1]
+        return (torch.arange(H, device=self.dt.device) // (H // G))[units]
+
+    def alpha_last(self, units: slice | Tensor) -> Tensor:
+        """The last row alpha_{T-1, j} of the hidden attention (Ali et al. 2024) of some decay units: (c, T).
+
+        alpha_{T-1,j}[u] = sum_n C_{T-1}[n] exp(sum_{k=j+1..T-1} Delta_k[u] A[u,n]) Delta_j[u] B_j[n]; the
+        segment sums are suffix sums, each summed from its own terms.
+        """
+        dt = self.dt[:, units]  # (T, c)
+        x = dt[..., None] * self.A[units]  # (T, c, d_state or 1) log-decay of each step
+        suffix = torch.cat([x[1:].flip(0).cumsum(0).flip(0), torch.zeros_like(x[:1])])  # sum_{k=j+1..T-1} x_k
+        CB = self.C[-1] * self.B  # (T, G, d_state) C_{T-1}[n] B_j[n]
+        if x.shape[-1] == 1:  # one decay for all state entries (Mamba-2): contract the state first
+            CB = CB.sum(-1, keepdim=True)
+        return torch.einsum("jcn,jcn->cj", torch.exp(suffix), CB[:, self.group(units)]) * dt.T
+
 
 class SSMAdapter(Adapter):
     """An adapter of a model whose blocks mix tokens by a selective scan (see the module docstring)."""
@@ -50,6 +70,14 @@ class SSMAdapter(Adapter):
     def ssm_inputs(self, layer: int, x: Tensor) -> SSMInputs:
         """x: (T, d_model) block inputs of a whole sequence -> the scan's inputs at every position."""
         raise NotImplementedError
+
+    token_mixing_kind = "hidden attention: mean |alpha_{T-1, j}| over decay units, normalised to sum 1"
+
+    def token_mixing(self, input_ids: Tensor) -> Tensor:
+        inputs, _, _ = self.block_io(input_ids)
+        rows = [self.ssm_inputs(layer, x).alpha_last(slice(None)).abs().mean(0) for layer, x in enumerate(inputs)]
+        mixing = torch.stack(rows)  # (n_layers, T)
+        return mixing / mixing.sum(-1, keepdim=True)
 
     def neuron_factor(self, layer: int, y: Tensor, z: Tensor) -> Tensor:
         """The factor g (n, d_inner) with neurons = y * g at n positions, from the scan output y and gate z.

@@ -14,12 +14,12 @@ from transformers import FalconMambaConfig, FalconMambaForCausalLM, Mamba2ForCau
 from attention_figures import plot_hidden_attention, plot_subject_flow, token_labels
 from attention_neurons import (
     flow_shares,
-    gpt2_subject_attention,
     hidden_attention,
     mamba_attention_analysis,
     mean_abs_hidden_attention,
     per_channel,
     segsum,
+    subject_mixing,
     token_flow,
 )
 from errors import UserError
@@ -204,11 +204,12 @@ def test_flow_shares():
     assert flow_shares(torch.tensor([[1.0, -1.0]]), [0])["signed"]["subject"] == [None]  # activation 0
 
 
-def test_last_position_attention_is_the_models(tiny_gpt2):
-    model, tok = tiny_gpt2
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_neox"])
+def test_last_position_attention_is_the_models(request, fixture):
+    model, tok = request.getfixturevalue(fixture)
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
-    ids = torch.tensor(encode(tok, "The capital of France is", "Paris")[0])
+    ids = torch.tensor(tok(FACTS[0].prompts[0])["input_ids"])
     ours = adapter_for(model).last_position_attention(ids)
     with torch.no_grad():
         theirs = torch.stack(eager(ids[None], output_attentions=True).attentions)[:, 0, :, -1]  # (layers, heads, T)
@@ -218,15 +219,24 @@ def test_last_position_attention_is_the_models(tiny_gpt2):
     assert adapter_for(model).last_position_attention(ids[:1]).flatten().tolist() == pytest.approx([1.0] * 12)
 
 
-def test_gpt2_subject_attention(tiny_gpt2, tiny_mamba):
-    result = gpt2_subject_attention(*tiny_gpt2, FACTS)
+def test_token_mixing_of_a_state_space_model_is_its_normalised_hidden_attention(tiny_mamba2):
+    model, tok = tiny_mamba2
+    ids = torch.tensor(tok(FACTS[0].prompts[0])["input_ids"])
+    mixing = adapter_for(model).token_mixing(ids)  # (layers, T)
+    for layer in range(len(mixing)):
+        row = hidden_attention(model, ids, layer)[:, -1].abs().mean(0)  # (T,) from the full (units, T, T) map
+        assert torch.allclose(mixing[layer], row / row.sum(), atol=1e-6)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_neox", "tiny_mamba"])
+def test_subject_mixing(request, fixture):
+    result = subject_mixing(*request.getfixturevalue(fixture), FACTS)
     assert result["n_prompts"] == 3 and set(result["facts"]) == {"capital_france", "river_china"}
+    assert result["kind"]
     for table in (result["mean"], *result["facts"].values()):
         totals = [sum(v) for v in zip(*table.values(), strict=True)]
         assert totals == pytest.approx([1.0] * 3, abs=1e-6)
     json.dumps(result, allow_nan=False)
-    with pytest.raises(UserError, match="GPT-2"):
-        gpt2_subject_attention(*tiny_mamba, FACTS)
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +290,7 @@ def test_plots(tiny_mamba, tiny_gpt2, analysis, tmp_path):
         plot_hidden_attention(model, tok, FACTS[0].prompts[0], [0, 2], tmp_path / "hidden.png", subject="France",
                               caveat="a caveat"),
         plot_subject_flow(analysis, tmp_path / "flow.png"),
-        plot_subject_flow(analysis, tmp_path / "flow_gpt2.png", gpt2=gpt2_subject_attention(*tiny_gpt2, FACTS)),
+        plot_subject_flow(analysis, tmp_path / "flow_gpt2.png", gpt2=subject_mixing(*tiny_gpt2, FACTS)),
     ]
     for path in written:
         data = path.read_bytes()

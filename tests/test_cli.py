@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from demo_models import demo_architecture
 from facts import FACTS, relations
 from main import build_parser, main, model_names
 
@@ -177,8 +178,61 @@ def test_fresh_recomputes_instead_of_resuming(demo_models, tmp_path, caplog):
 def test_explicit_model_overrides_the_demo_model(demo_models):
     cache = demo_models["gpt2"].parent
     args = build_parser().parse_args(["--demo", "--demo-cache", str(cache), "--gpt2-model", "my/gpt2", "-q"])
-    names = model_names(args, FACTS)
+    names, roles = model_names(args, FACTS)
     assert names == {"gpt2": "my/gpt2", "mamba": str(demo_models["mamba"])}
+    assert roles == {"gpt2": "gpt2", "mamba": "mamba"}
+
+
+def test_models_option_parses_labels_and_stands_in_demo_models(demo_models):
+    cache = demo_models["gpt2"].parent
+    args = build_parser().parse_args(["--demo", "--demo-cache", str(cache), "-q", "--models",
+                                      "small=gpt2, ssm=state-spaces/mamba-130m-hf,mine=/some/folder"])
+    names, roles = model_names(args, FACTS)
+    assert names == {"small": str(demo_models["gpt2"]), "ssm": str(demo_models["mamba"]), "mine": "/some/folder"}
+    assert roles == {}
+    assert demo_architecture("EleutherAI/pythia-160m") == "gpt_neox" and demo_architecture("mamba2") == "mamba2"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("gpt2", "is not LABEL=NAME_OR_PATH"), ("GPT=gpt2", "must match"), ("a=gpt2,a=gpt2", "given twice"),
+    (",", "names no model"),
+])
+def test_bad_models_option_is_a_user_error(tmp_path, capsys, value, message):
+    assert main(["knowledge", "--models", value, "--out", str(tmp_path), "-q"]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_models_option_replaces_the_pair_options(tmp_path, capsys):
+    assert main(["knowledge", "--models", "a=gpt2", "--gpt2-model", "gpt2", "--out", str(tmp_path), "-q"]) == 1
+    assert "--models replaces --gpt2-model" in capsys.readouterr().err
+
+
+def test_any_number_of_models_in_comprehensive_mode(demo_models, tiny_neox, tmp_path):
+    """GPT-2, a GPT-NeoX (Pythia's architecture) and two state-space models side by side, labels naming files."""
+    neox = tmp_path / "neox"
+    for part in tiny_neox:
+        part.save_pretrained(neox)
+    models = f"gpt2={demo_models['gpt2']},pythia={neox},mamba={demo_models['mamba']},mamba_b={demo_models['mamba']}"
+    out = tmp_path / "out"
+    args = ["comprehensive", "--models", models, "--facts", str(_facts_file(tmp_path / "facts.jsonl")), "--out",
+            str(out), "-q", "--steps", "4", "--random-draws", "1", "--permutations", "20", "--bootstrap", "20"]
+    assert main(args) == 0
+    labels = ["gpt2", "pythia", "mamba", "mamba_b"]
+    for label in labels:
+        doc = json.loads((out / f"{label}_knowledge_neurons.json").read_text())
+        assert [f["id"] for f in doc["facts"]] == [f.id for f in SUBSET]
+    pythia = json.loads((out / "pythia_knowledge_neurons.json").read_text())
+    assert pythia["architecture"] == "gpt_neox" and pythia["neuron_site"].startswith("gpt_neox.layers")
+    analysis = json.loads((out / "mamba_analysis.json").read_text())
+    assert list(analysis["models"]) == labels
+    assert [label for label, m in analysis["models"].items() if m["hidden_attention"]] == ["mamba", "mamba_b"]
+    assert analysis["hidden_attention"] == analysis["models"]["mamba"]["hidden_attention"]
+    assert analysis["gpt2_attention"] == analysis["models"]["gpt2"]["token_mixing"]
+    assert (out / "figures" / "subject_flow_mamba_b.png").is_file()
+    doc = json.loads((out / "mamba_comprehensive_analysis.json").read_text())
+    assert doc["label"] == "mamba" and set(doc["comparison"]) == {"gpt2", "pythia", "mamba_b"}
+    report = (out / "report.md").read_text()
+    assert "pythia" in report and "mamba_b" in report
 
 
 def test_interrupt_says_how_to_resume(monkeypatch, tmp_path, capsys):
