@@ -166,8 +166,9 @@ def _mean_dicts(rows: Sequence[dict]) -> dict:
     return {k: _mean(r[k] for r in rows) for k in rows[0]}
 
 
-def _rel_change(after: Sequence[Scored], before: Sequence[Scored]) -> float:
-    return float(np.mean([(a.p - b.p) / b.p for a, b in zip(after, before, strict=True)]))
+def _rel_change(after: Sequence[Scored], before: Sequence[Scored]) -> float | None:
+    """Mean over prompts of (P_after - P_before) / P_before; prompts whose P_before underflows to 0 are left out."""
+    return _mean([(a.p - b.p) / b.p for a, b in zip(after, before, strict=True) if b.p > 0])
 
 
 def _update_metrics(bench: Bench, fact: Fact, slots: Sequence[Slot], old: int, new: int, new_probes: list[Probe],
