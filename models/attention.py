@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.base import Adapter
+
 
 @dataclass
 class KV:
@@ -66,3 +68,47 @@ def attend(weights: Tensor, v_self: Tensor, state: KV, index: Tensor) -> Tensor:
     onehot = F.one_hot(index, len(state.v)).to(weights.dtype)  # (rows, P)
     spread = onehot[:, :, None, None] * weights[:, None, :, :-1]  # (rows, P, heads, T_max)
     return torch.einsum("rpht,phtd->rhd", spread, state.v) + weights[..., -1:] * v_self
+
+
+class TransformerAdapter(Adapter):
+    """What the transformer adapters share: a KV prefix state, and their attention weights as token mixing.
+
+    Subclasses give `_qkv(layer, x, positions)` -> q, k, v (n, heads, head_dim) of block inputs x (n, d_model) at
+    `positions` (n,), and `_scaling(layer)`, the factor of q . k before the softmax.
+    """
+
+    token_mixing_kind = "attention weights of the last position, heads averaged"
+
+    def _qkv(self, layer: int, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _scaling(self, layer: int) -> float:
+        raise NotImplementedError
+
+    def layer_state(self, layer: int, x: Tensor) -> KV:
+        _, k, v = self._qkv(layer, x, torch.arange(len(x), device=x.device))
+        return KV.of(k, v)
+
+    def stack_states(self, states: list[KV]) -> KV:
+        return KV.stack(states)
+
+    def token_mixing(self, input_ids: Tensor) -> Tensor:
+        return self.last_position_attention(input_ids).mean(1)
+
+    def last_position_attention(self, input_ids: Tensor) -> Tensor:
+        """input_ids (T,) -> (n_layers, heads, T): every layer's attention weights of the last position."""
+        inputs, _, _ = self.block_io(input_ids)
+        rows = []
+        index = torch.zeros(1, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            for layer, x in enumerate(inputs):  # x: (T, d_model) block input
+                state = self.layer_state(layer, x[:-1])
+                q, k, _ = self._qkv(layer, x[-1:], state.position)  # (1, heads, head_dim) each
+                rows.append(last_position_weights(q, k, state, index, self._scaling(layer))[0])
+        return torch.stack(rows)
+
+    def _attend(self, layer: int, h: Tensor, state: KV, index: Tensor) -> Tensor:
+        """(rows, d_model) block inputs at the last position -> (rows, heads * head_dim) attention output."""
+        q, k, v = self._qkv(layer, h, state.position[index])
+        w = last_position_weights(q, k, state, index, self._scaling(layer))  # (rows, heads, T_max + 1)
+        return attend(w, v, state, index).reshape(len(h), -1)

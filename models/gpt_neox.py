@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.attention import KV, attend, last_position_weights
-from models.base import Adapter
+from models.attention import KV, TransformerAdapter
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -25,7 +24,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x_rot * cos[:, None] + turned * sin[:, None], x_pass], dim=-1)
 
 
-class GPTNeoXAdapter(Adapter):
+class GPTNeoXAdapter(TransformerAdapter):
     neuron_site = "gpt_neox.layers[l].mlp.dense_4h_to_h input (after the activation)"
 
     def __init__(self, model: nn.Module):
@@ -54,34 +53,11 @@ class GPTNeoXAdapter(Adapter):
         cos, sin = self.model.gpt_neox.rotary_emb(x, positions[None])  # (1, n, rotary_dim) each
         return _rotate(q, cos[0], sin[0]), _rotate(k, cos[0], sin[0]), v
 
-    def layer_state(self, layer: int, x: Tensor) -> KV:
-        _, k, v = self._qkv(layer, x, torch.arange(len(x), device=x.device))
-        return KV.of(k, v)
-
-    def stack_states(self, states: list[KV]) -> KV:
-        return KV.stack(states)
-
-    token_mixing_kind = "attention weights of the last position, heads averaged"
-
-    def token_mixing(self, input_ids: Tensor) -> Tensor:
-        return self.last_position_attention(input_ids).mean(1)
-
-    def last_position_attention(self, input_ids: Tensor) -> Tensor:
-        """input_ids (T,) -> (n_layers, heads, T): every layer's attention weights of the last position."""
-        inputs, _, _ = self.block_io(input_ids)
-        rows = []
-        with torch.no_grad():
-            for layer, x in enumerate(inputs):  # x: (T, d_model) block input
-                state = self.layer_state(layer, x[:-1])
-                q, k, _ = self._qkv(layer, x[-1:], state.position)
-                rows.append(last_position_weights(q, k, state, state.position * 0, self.head_dim**-0.5)[0])
-        return torch.stack(rows)
+    def _scaling(self, layer: int) -> float:
+        return self.head_dim**-0.5
 
     def pre_neurons(self, layer: int, h: Tensor, state: KV, index: Tensor) -> tuple[Tensor, Tensor]:
         block = self.layers[layer]
-        q, k, v = self._qkv(layer, h, state.position[index])
-        w = last_position_weights(q, k, state, index, self.head_dim**-0.5)  # (rows, heads, T_max + 1)
-        attn = block.attention.dense(attend(w, v, state, index).reshape(len(h), -1))  # (rows, d_model)
-        m = h + attn
+        m = h + block.attention.dense(self._attend(layer, h, state, index))
         mlp_in = block.post_attention_layernorm(h if self.model.config.use_parallel_residual else m)
         return m, block.mlp.act(block.mlp.dense_h_to_4h(mlp_in))
