@@ -1,6 +1,7 @@
 """Time integrated gradients on real-shaped models, against the references, in one run.
 
 Models have the shapes of GPT-2-small (12 layers x 3072 neurons) and Mamba-130M (24 layers x 1536 neurons), and
+with --archs also of Pythia-160M (gpt_neox: 12 layers x 3072 neurons, rotary on a quarter of each head),
 with --archs also of a Mamba-2 of the 130M size (24 layers, hidden 768, 24 heads x head_dim 64 = 1536 neurons,
 d_state 128, one group; SSD chunks of 16 instead of the checkpoints' 256: transformers' torch scan pads every
 sequence to whole chunks, so with 256 an 11-token reference is mostly padding, and its backward through 24 layers
@@ -17,7 +18,7 @@ is the GPT-2 length of "The Eiffel Tower is located in the city of". For every m
   model and prompt, run in a subprocess with that package installed on its own (pip --target) under
   benchmarks/.eleuther, so its `knowledge_neurons` module does not meet ours.
 
-    python benchmarks/bench_attribution.py [--threads 1] [--steps 20] [--archs gpt2 mamba mamba2 falcon_mamba]
+    python benchmarks/bench_attribution.py [--threads 1] [--steps 20] [--archs gpt2 gpt_neox mamba mamba2 falcon_mamba]
                                            [--lengths 5 11] [--batch 8] [--no-eleuther] [--device cpu]
 """
 
@@ -50,6 +51,9 @@ ELEUTHER = "knowledge-neurons==0.0.2"
 ELEUTHER_DIR = ROOT / "benchmarks" / ".eleuther"
 SHAPES = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {  # Pythia-160M
+        "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+        "rotary_pct": 0.25, "vocab_size": 50304, "tie_word_embeddings": False}),
     "mamba": ("MambaConfig", "MambaForCausalLM", {"hidden_size": 768, "num_hidden_layers": 24, "vocab_size": 50280}),
     "mamba2": ("Mamba2Config", "Mamba2ForCausalLM", {"hidden_size": 768, "num_hidden_layers": 24, "expand": 2,
                                                      "num_heads": 24, "head_dim": 64, "state_size": 128,
