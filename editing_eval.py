@@ -279,16 +279,16 @@ def erase_relation(bench: Bench, relation: str, refined: dict[str, Sequence[Neur
 
 
 def run_editing(kn: KnowledgeNeurons, result: ModelResult, options: EditOptions, progress: bool = True,
-                neutral: Sequence[str] = SENTENCES) -> dict:
+                neutral: Sequence[str] = SENTENCES, label: str | None = None) -> dict:
     """Update every fact and erase every relation of a knowledge-stage result; JSON-ready per-fact, per-relation
-    and summary results. `neutral`: the texts of the perplexity ratio. The model's weights are the same, bit for
-    bit, afterwards."""
+    and summary results. `neutral`: the texts of the perplexity ratio; `label` ("GPT-2") names the model in the
+    progress bar (default: the folder name). The model's weights are the same, bit for bit, afterwards."""
     facts = [r.fact for r in result.facts]
     o = result.options
     bench = Bench(kn, facts, neutral)
     answers = new_answers(facts, kn.tokenizer)
     per_fact = []
-    for r in tqdm(result.facts, desc=f"editing {Path(result.name).name}", unit="fact", disable=not progress):
+    for r in tqdm(result.facts, desc=f"editing {label or Path(result.name).name}", unit="fact", disable=not progress):
         fact = r.fact
         neurons = result.refined[fact.id]
         if not neurons or answers[fact.id] is None:

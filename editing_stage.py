@@ -69,7 +69,7 @@ def editing_stage(args: argparse.Namespace, done: Mapping, arguments: dict) -> E
             "demo_model": is_demo_model(result.name), "neuron_site": result.neuron_site,
             "options": {**dataclasses.asdict(result.options), "editing": dataclasses.asdict(options)},
             "arguments": arguments, "seed": args.seed, "versions": versions(),
-            **run_editing(kn, result, options, progress=not args.quiet),
+            **run_editing(kn, result, options, progress=not args.quiet, label=_name(label)),
             "saved_edited_model": None,
         }
         if args.save_edited:
