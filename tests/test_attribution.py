@@ -246,3 +246,14 @@ def test_cuda_gives_the_cpu_numbers(tiny_model):
         model.cpu()
     assert rel_diff(gpu.scores, cpu.scores) <= 1e-4
     assert rel_diff(ref.scores, cpu.scores) <= 1e-4
+
+
+def test_out_of_memory_says_to_lower_the_batch_size(tiny_gpt2, monkeypatch):
+    kn = KnowledgeNeurons(*tiny_gpt2)
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(kn, "_staircase", exhausted)
+    with pytest.raises(UserError, match="lower --batch-size"):
+        kn.attribute(PROMPT, "Paris", steps=2)
