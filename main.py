@@ -42,16 +42,17 @@ LABEL_PATTERN = re.compile(r"^[a-z0-9_]+$")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python main.py",
-        description="Find knowledge neurons (Dai et al. 2022) with integrated gradients in GPT-2 and Mamba, "
-        "compare them across facts, and test them causally.",
+        description="Find knowledge neurons (Dai et al. 2022) with integrated gradients in GPT-2 and Mamba (or any "
+        "models of the GPT-2, GPT-NeoX/Pythia, Mamba, Mamba-2 and Falcon-Mamba architectures, --models), compare "
+        "them across facts, follow state-space models' hidden attention, test them causally and edit knowledge.",
         epilog="modes:\n" + "\n".join(f"  {m:14s} {d}" for m, d in MODES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("mode", nargs="?", default="comprehensive", choices=list(MODES), help="what to run")
     m = p.add_argument_group("models and data")
     m.add_argument("--demo", action="store_true",
-                   help="use the offline demo models (a tiny GPT-2 and Mamba trained on the fact table here; "
-                   "built once and cached) instead of gpt2 / state-spaces/mamba-130m-hf")
+                   help="use the offline demo models (tiny models trained on the fact table here, built once and "
+                   "cached) instead of gpt2 / state-spaces/mamba-130m-hf, or of the architectures named in --models")
     m.add_argument("--demo-cache", metavar="DIR", help="folder for the demo models (default: $KN_DEMO_CACHE or "
                    "~/.cache/knowledge-neurons/demo)")
     m.add_argument("--models", metavar="LABEL=NAME|PATH,...",
