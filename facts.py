@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,14 +183,8 @@ def validate_facts(facts: Sequence[Fact], source: str = "built-in fact table") -
 # -----------------------------------------------------------------------------
 # JSONL files
 
-def _parse_line(line: str) -> Fact:
-    """One JSONL line -> Fact; raises ValueError saying what is wrong with its shape."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object with keys {', '.join(KEYS)}")
+def _fact(obj: dict) -> Fact:
+    """One JSONL object -> Fact; raises ValueError saying what is wrong with its shape."""
     missing = [k for k in KEYS if k not in obj]
     if missing:
         raise ValueError(f"missing key(s): {', '.join(missing)}")
@@ -217,6 +211,21 @@ def _read_utf8(path: Path) -> str:
         ) from None
 
 
+def read_jsonl(path: Path, comments: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a UTF-8 JSONL file (and, with `comments`, every line not
+    starting with `#`); bytes that are not UTF-8, invalid JSON and non-objects raise UserError("path:line: ...")."""
+    for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
+        if not line.strip() or (comments and line.lstrip().startswith("#")):
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object")
+        yield lineno, obj
+
+
 def load_facts(path: str | Path) -> list[Fact]:
     """Read and check a JSONL facts file; any problem raises UserError("path:line: ...")."""
     path = Path(path)
@@ -224,12 +233,10 @@ def load_facts(path: str | Path) -> list[Fact]:
         raise UserError(f"{path}: no such file")
     facts: list[Fact] = []
     seen: dict[str, str] = {}
-    for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
+    for lineno, obj in read_jsonl(path, comments=True):
         where = f"{path}:{lineno}"
         try:
-            fact = _parse_line(line)
+            fact = _fact(obj)
         except ValueError as e:
             raise UserError(f"{where}: {e}") from None
         _check(fact, where, seen)

@@ -15,14 +15,12 @@ that do not already contain its answer and is skipped when fewer than 2 remain (
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 from errors import UserError
-from facts import Fact, validate_facts
+from facts import Fact, read_jsonl, validate_facts
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +43,6 @@ def _folders(root: Path) -> tuple[Path, Path]:
             return root / patterns, root / facts
     expected = "; ".join(f"{p}/ and {f}/" for p, f in LAYOUTS)
     raise UserError(f"{root}: not a ParaRel folder; expected one of: {expected}")
-
-
-def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; malformed lines raise UserError("path:line: ...")."""
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}:{lineno}: expected a JSON object")
-        yield lineno, obj
 
 
 def _text(obj: dict, key: str, where: str) -> str:
@@ -84,7 +68,7 @@ def template(pattern: str) -> str | None:
 def _relation_facts(relation: str, templates: list[str], path: Path) -> tuple[list[Fact], int]:
     """The usable facts of one relation and how many facts were skipped (< 2 usable prompts)."""
     facts, skipped, seen = [], 0, {}
-    for lineno, obj in _jsonl(path):
+    for lineno, obj in read_jsonl(path):
         where = f"{path}:{lineno}"
         subject, answer = _text(obj, "sub_label", where), _text(obj, "obj_label", where)
         uuid = obj.get("uuid")
@@ -125,7 +109,7 @@ def load_pararel(path: str | Path) -> list[Fact]:
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):
             raise UserError(f"{pattern_files[name]}: relation id {name!r} must contain only letters, digits and _")
         file = pattern_files[name]
-        patterns = [_text(obj, "pattern", f"{file}:{lineno}") for lineno, obj in _jsonl(file)]
+        patterns = [_text(obj, "pattern", f"{file}:{lineno}") for lineno, obj in read_jsonl(file)]
         templates = [t for p in patterns if (t := template(p)) is not None]
         kept, skipped = _relation_facts(name, templates, fact_files[name])
         log.info("ParaRel %s: %d of %d patterns usable; %d facts, %d skipped (fewer than %d usable prompts)",

@@ -183,3 +183,13 @@ def test_knowledge_mode_on_a_pararel_folder(demo_models, tmp_path):
     assert [f["relation"] for f in doc["facts"]] == ["P19", "P36"]
     assert [[p["prompt"] for p in f["prompts"]] for f in doc["facts"]] == [list(f.prompts) for f in expected]
     assert doc["arguments"]["relations"] == "P36,P19" and doc["arguments"]["max_facts_per_relation"] == 1
+
+
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
+    data = _copy(tmp_path)
+    path = data / "trex_lms_vocab/P36.jsonl"
+    n_lines = len(path.read_text().splitlines())
+    path.write_bytes(path.read_bytes() + b'{"sub_label": "Fran\xe7e", "obj_label": "Paris"}\n')
+    with pytest.raises(UserError, match="not valid UTF-8") as info:
+        load_pararel(data)
+    assert f"{path}:{n_lines + 1}:" in str(info.value)
