@@ -170,9 +170,11 @@ def shard(work: Sequence[float], n: int) -> list[list[int]]:
 # the sharded stage
 
 def shard_and_gather(
-    attribute: Callable[..., ModelResult], kn: KnowledgeNeurons, facts: Sequence[Fact], progress: bool = True
+    attribute: Callable[..., ModelResult], kn: KnowledgeNeurons, facts: Sequence[Fact], progress: bool = True,
+    label: str | None = None,
 ) -> ModelResult | None:
     """`attribute(facts, progress=...)` over all facts (e.g. a partial of `analysis.find_knowledge_neurons`).
+    `label` ("GPT-2") names the model in the progress bar and log (default: its architecture).
 
     In one process it is just called. Under torchrun each rank calls it on its share, chunk by chunk, and
     rank 0 returns the whole ModelResult with the facts in their order; the other ranks return None. If a
@@ -180,23 +182,27 @@ def shard_and_gather(
     the stage's throughput in prompts per second.
     """
     start = time.perf_counter()
-    result = _sharded(attribute, kn, facts, progress) if enabled() else attribute(list(facts), progress=progress)
+    if enabled():
+        result = _sharded(attribute, kn, facts, progress, label or kn.model.config.model_type)
+    else:
+        result = attribute(list(facts), progress=progress)
     if result is not None:
         seconds = time.perf_counter() - start
         n_prompts = sum(len(f.prompts) for f in facts)
         log.info("knowledge neurons %s: %d prompts of %d facts in %.1f s on %d rank(s): %.3f prompts/s",
-                 result.architecture, n_prompts, len(facts), seconds, world_size(), n_prompts / seconds)
+                 label or result.architecture, n_prompts, len(facts), seconds, world_size(), n_prompts / seconds)
     return result
 
 
-def _sharded(attribute, kn: KnowledgeNeurons, facts: Sequence[Fact], progress: bool) -> ModelResult | None:
+def _sharded(attribute, kn: KnowledgeNeurons, facts: Sequence[Fact], progress: bool,
+             label: str) -> ModelResult | None:
     _same_everywhere(kn, facts)
     stage = next(_stages)
     store = dist.distributed_c10d._get_default_store()
     keys = {k: f"knowledge_neurons/{stage}/{k}" for k in ("facts_done", "ranks_done", "failed")}
     mine = shard(fact_work(kn.tokenizer, facts), world_size())[rank()]
     bar = tqdm(total=len(facts), unit="fact", disable=not (progress and is_main()),
-               desc=f"knowledge neurons {kn.model.config.model_type} ({world_size()} ranks)")
+               desc=f"knowledge neurons {label} ({world_size()} ranks)")
     outcome = _attribute_share(attribute, facts, mine, store, keys, bar)
     store.add(keys["ranks_done"], 1)
     while store.add(keys["ranks_done"], 0) < world_size():  # wait here, not in the gather, which has a timeout

@@ -69,7 +69,7 @@ def knowledge_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
         kn = KnowledgeNeurons(model, tokenizer)
         attribute = partial(find_knowledge_neurons, kn, options=options, model_name=name,
                             cache_dir=out / ".kn_cache", resume=not args.fresh, label=display(label))
-        result = distributed.shard_and_gather(attribute, kn, facts, progress=not args.quiet)
+        result = distributed.shard_and_gather(attribute, kn, facts, progress=not args.quiet, label=display(label))
         if result is None:  # under torchrun, ranks other than 0 only attribute their share
             continue
         doc = write_knowledge(result, tokenizer, out, f"{label}_knowledge_neurons", {"arguments": arguments(args)})
