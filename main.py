@@ -25,15 +25,15 @@ from pararel import load_pararel
 
 log = logging.getLogger("knowledge_neurons")
 
-MODES = {
-    "comprehensive": "everything: knowledge neurons of both models, Mamba hidden attention, interventions with "
-    "random controls, statistics, figures and a Markdown report (the default)",
-    "attention": "Mamba knowledge neurons + hidden attention and token -> knowledge-neuron flow, GPT-2 attention "
-    "for comparison -> mamba_analysis.json and figures",
-    "knowledge": "knowledge neurons of GPT-2 and Mamba, overlap statistics -> gpt2_knowledge_neurons.json, "
-    "mamba_knowledge_neurons.json (+ .npz score tensors)",
+MODES = {  # "the models": GPT-2 and Mamba by default, or those of --models
+    "comprehensive": "everything: knowledge neurons of the models, hidden attention of the state-space models, "
+    "interventions with random controls, statistics, knowledge editing, figures and a Markdown report (the default)",
+    "attention": "knowledge neurons of the state-space models + hidden attention and token -> knowledge-neuron "
+    "flow, every model's token mixing (a transformer's attention) for comparison -> mamba_analysis.json and figures",
+    "knowledge": "knowledge neurons of the models, overlap statistics -> <label>_knowledge_neurons.json "
+    "(gpt2_..., mamba_...) + .npz score tensors",
     "edit": "knowledge neurons, then knowledge editing (Dai et al.): update every fact and erase every relation "
-    "through knowledge neurons vs random neurons -> gpt2_knowledge_editing.json, mamba_knowledge_editing.json",
+    "through knowledge neurons vs random neurons -> <label>_knowledge_editing.json",
 }
 DEFAULT_MODELS = {"gpt2": "gpt2", "mamba": "state-spaces/mamba-130m-hf"}
 LABEL_PATTERN = re.compile(r"^[a-z0-9_]+$")
