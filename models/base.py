@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.head import TargetProbability
+
 
 @dataclass
 class Prefix:
@@ -206,35 +208,3 @@ class Adapter:
                 f"{type(self).__name__}: layer {layer} recomputed from the weights differs from the model's "
                 f"forward by {err:.3g} (> {tol:.3g}); this model configuration is not supported by the adapter"
             )
-
-
-
-
-class TargetProbability(torch.autograd.Function):
-    """p[r] = softmax(x[r] @ W.T + b)[target[r]]: the probability of one token per row, over the full vocabulary.
-
-    x (rows, d_model) normed last hidden state, W (vocab, d_model) output embedding, b (vocab,) or None.
-    No autograd through the softmax: dp/dlogits = p (e_target - P), so dp/dx = p (W[target] - P @ W), and
-    P @ W does not depend on the incoming gradient: the forward computes it, `CHUNK` rows at a time, and keeps
-    only that (rows, d_model) product instead of the (rows, vocab) probabilities. Gradients flow to x only
-    (W and b are weights; attribution never asks for theirs).
-    """
-
-    CHUNK = 256  # rows per (rows, vocab) buffer
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> Tensor:
-        p, expected = x.new_empty(len(x)), torch.empty_like(x)  # (rows,), (rows, d_model) = P @ W
-        for start in range(0, len(x), TargetProbability.CHUNK):
-            rows = slice(start, start + TargetProbability.CHUNK)
-            logits = x[rows] @ weight.T if bias is None else torch.addmm(bias, x[rows], weight.T)  # (n, vocab)
-            probs = torch.softmax(logits, dim=-1)
-            p[rows] = probs.gather(1, target[rows, None])[:, 0]
-            torch.mm(probs, weight, out=expected[rows])
-        ctx.save_for_backward(weight[target] - expected, p)
-        return p
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        direction, p = ctx.saved_tensors  # (rows, d_model) W[target] - P @ W, (rows,)
-        return direction * (grad * p)[:, None], None, None, None

@@ -3,6 +3,7 @@ width n_inner (3072 for gpt2)."""
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from errors import UserError
@@ -47,6 +48,14 @@ class GPT2Adapter(TransformerAdapter):
     def pre_neurons(self, layer: int, h: Tensor, state: KV, index: Tensor) -> tuple[Tensor, Tensor]:
         block = self.layers[layer]
         m = h + block.attn.c_proj(self._attend(layer, h, state, index))
-        return m, block.mlp.act(block.mlp.c_fc(block.ln_2(m)))
+        return m, self._activation(block.mlp.act, block.mlp.c_fc(block.ln_2(m)))
+
+    @staticmethod
+    def _activation(act: nn.Module, x: Tensor) -> Tensor:
+        """The MLP's activation; GPT-2's "gelu_new" (tanh GELU written out in five elementwise ops) as torch's
+        fused tanh GELU, the same formula in one pass forward and one backward."""
+        from transformers.activations import NewGELUActivation  # deferred: importing transformers costs seconds
+
+        return F.gelu(x, approximate="tanh") if type(act) is NewGELUActivation else act(x)
 
 
