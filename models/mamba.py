@@ -91,26 +91,47 @@ class _DecayedReadout(torch.autograd.Function):
     """y[r, d] = sum_n C[r, n] exp(Delta[r, d] A[d, n]) h[p_r, d, n]: the previous state's part of one SSM step.
 
     Delta (rows, d_inner), C (rows, d_state), A (d_inner, d_state), h (P, d_inner, d_state) the prompts' states,
-    index (rows,) the prompt p_r of each row -> (rows, d_inner). Fused so that a single (rows, d_inner, d_state)
-    tensor is built and kept for the backward pass: these elementwise passes, not the matrix products, dominate
-    a Mamba step for hundreds of rows. Gradients flow to Delta and C only (A is a weight, h a state of the
-    clean prompt).
+    index (rows,) the prompt p_r of each row -> (rows, d_inner). These elementwise passes over
+    (rows, d_inner, d_state), not the matrix products, dominate a Mamba step for hundreds of rows, so the
+    decayed states q = exp(Delta A) h are built `ROWS` rows at a time, in cache, and never kept: the forward
+    also returns dy/dDelta = sum_n C A q, and the backward builds q again for dy/dC = q. Rows come in runs of
+    one prompt (the staircase keeps a prompt's alphas together), so a run's h is broadcast, not gathered per
+    row. Gradients flow to Delta and C only (A is a weight, h a state of the clean prompt).
     """
+
+    ROWS = 16  # rows per (rows, d_state, d_inner) block: 1.5 MB at Mamba-130M's widths
 
     @staticmethod
     def forward(ctx, dt: Tensor, C: Tensor, A: Tensor, h: Tensor, index: Tensor) -> Tensor:
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             raise RuntimeError("_DecayedReadout gives no gradient for A or the prefix state")
-        states = h.expand(len(dt), -1, -1) if len(h) == 1 else h[index]  # one prompt: broadcast, no copy
-        decayed = torch.mul(dt[:, :, None], A).exp_().mul_(states)  # (rows, d_inner, d_state)
-        ctx.save_for_backward(C, A, decayed)
-        return torch.bmm(decayed, C[:, :, None])[..., 0]
+        # d_inner innermost: the products over d_state then read whole rows of d_inner (fast matrix-vector forms)
+        A, h = A.T.contiguous(), h.transpose(1, 2).contiguous()  # (d_state, d_inner), (P, d_state, d_inner)
+        y, slope = torch.empty_like(dt), torch.empty_like(dt)  # (rows, d_inner) y and dy/dDelta
+        ctx.blocks = _blocks(index, _DecayedReadout.ROWS)
+        for rows, prompt in ctx.blocks:
+            q = torch.mul(dt[rows, None, :], A).exp_().mul_(h[prompt])  # (n, d_state, d_inner)
+            c = C[rows, None, :]  # (n, 1, d_state)
+            torch.bmm(c, q, out=y[rows, None, :])
+            torch.bmm(c, q.mul_(A), out=slope[rows, None, :])
+        ctx.save_for_backward(dt, A, h, slope)
+        return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        C, A, decayed = ctx.saved_tensors
-        grad_C = torch.bmm(grad[:, None, :], decayed)[:, 0]  # (rows, d_state)
-        grad_dt = grad * torch.bmm(decayed.mul_(A), C[:, :, None])[..., 0]  # (rows, d_inner); decayed is spent
-        return grad_dt, grad_C, None, None, None
+        dt, A, h, slope = ctx.saved_tensors
+        grad_C = dt.new_empty(len(dt), A.shape[0])  # (rows, d_state)
+        for rows, prompt in ctx.blocks:
+            q = torch.mul(dt[rows, None, :], A).exp_().mul_(h[prompt])
+            torch.sum(q.mul_(grad[rows, None, :]), -1, out=grad_C[rows])
+        return grad * slope, grad_C, None, None, None
 
 
+def _blocks(index: Tensor, most: int) -> list[tuple[slice, int]]:
+    """index (rows,) -> [(rows, prompt)]: runs of consecutive rows of one prompt, cut to at most `most` rows."""
+    prompts, counts = torch.unique_consecutive(index, return_counts=True)
+    blocks, start = [], 0
+    for prompt, n in zip(prompts.tolist(), counts.tolist(), strict=True):
+        blocks += [(slice(s, min(s + most, start + n)), prompt) for s in range(start, start + n, most)]
+        start += n
+    return blocks
