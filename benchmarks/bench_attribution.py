@@ -69,8 +69,9 @@ def batch_prompts(length: int, n: int) -> list[str]:
     return [base.replace("Eiffel", SUBJECTS[k % len(SUBJECTS)]) for k in range(n)]
 
 
-def save_model(arch: str, folder: Path) -> None:
-    """A random model of the real shapes and a word-level tokenizer over the prompts' words, saved to `folder`."""
+def save_model(arch: str, folder: Path, texts: list[str] | None = None) -> None:
+    """A random model of the real shapes and a word-level tokenizer over the words of `texts` (default: the
+    stand-in prompts and answer), saved to `folder`."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -78,10 +79,12 @@ def save_model(arch: str, folder: Path) -> None:
     config_cls, model_cls, kwargs = SHAPES[arch]
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs))
-    words = sorted({w for p in PROMPTS.values() for w in p.split()} | set(SUBJECTS) | {ANSWER})
+    texts = texts if texts is not None else [*PROMPTS.values(), *SUBJECTS, ANSWER]
+    split = pre_tokenizers.Whitespace()  # words and punctuation marks
+    words = sorted({w for text in texts for w, _ in split.pre_tokenize_str(text)})
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.pre_tokenizer = split
     PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(folder)
     model.save_pretrained(folder)
 

@@ -156,8 +156,8 @@ class Adapter:
     def block_io(self, input_ids: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
         """One clean forward of the real model. input_ids: (T,).
 
-        Returns (the input of every block, the output of the last block), each (T, d_model), and the logits
-        (T, vocab).
+        Returns (the input of every block, the output of the last block), each (T, d_model), and the last
+        position's logits (1, vocab) (the LM head runs on that position only).
         """
         inputs: list[Tensor] = []
         outputs: list[Tensor] = []
@@ -169,7 +169,7 @@ class Adapter:
         handles = [layer.register_forward_hook(grab, with_kwargs=True) for layer in self.layers]
         try:
             with torch.no_grad():
-                logits = self.model(input_ids[None].to(self.device), use_cache=False).logits[0]
+                logits = self.model(input_ids[None].to(self.device), use_cache=False, logits_to_keep=1).logits[0]
         finally:
             for handle in handles:
                 handle.remove()
@@ -193,7 +193,7 @@ class Adapter:
                 acts.append(a)
                 expected = inputs[layer + 1][-1:] if layer + 1 < self.n_layers else last_out[-1:]
                 self._check(layer, r + self.project(layer, a), expected)
-        return Prefix(states, torch.stack(resid, 1), torch.stack(acts, 1), logits[-1:])
+        return Prefix(states, torch.stack(resid, 1), torch.stack(acts, 1), logits)
 
     def stack(self, prefixes: list[Prefix]) -> Prefix:
         """The prefixes of several prompts as one (P = the sum of theirs), for rows of all of them in one batch."""
