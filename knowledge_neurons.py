@@ -232,7 +232,7 @@ class KnowledgeNeurons:
         Rows r = (layer l, instance p, alpha k), sorted by layer: each joins the batch after block l.
         """
         ad = self.adapter
-        prefix = ad.stack([ad.prefix(self._ids(ids)) for ids, _ in instances])
+        prefix = ad.prefixes([self._ids(ids) for ids, _ in instances])
         targets = torch.tensor([t for _, t in instances], device=ad.device)
         s, diff = self._path(prefix.acts, alphas, baseline)  # (P, L, R, W), (P, L, W)
         P, L, R, W = s.shape

@@ -51,7 +51,8 @@ def main() -> None:
         start = time.perf_counter()
         marks = []
         with subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) as run:
-            for line in run.stderr:  # log lines, stamped as they arrive
+            for line in run.stderr:  # log lines (passed on), stamped as they arrive
+                sys.stderr.write(line)
                 if line.startswith("wrote "):
                     marks.append([line.split()[1].rsplit("/", 1)[-1], time.perf_counter() - start])
         total = time.perf_counter() - start

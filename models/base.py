@@ -159,46 +159,64 @@ class Adapter:
         Returns (the input of every block, the output of the last block), each (T, d_model), and the last
         position's logits (1, vocab) (the LM head runs on that position only).
         """
+        inputs, last_out, logits = self._batched_block_io([input_ids])
+        return [x[0] for x in inputs], last_out[0], logits
+
+    def _batched_block_io(self, prompts: list[Tensor]) -> tuple[list[Tensor], Tensor, Tensor]:
+        """One clean forward of P prompts (T_p,) at once, right-padded to T_max: every position a prompt has sees
+        only its own tokens (causal models), whatever pads follow it.
+
+        Returns the input of every block and the output of the last block, each (P, T_max, d_model), and the
+        logits of each prompt's last position (P, vocab).
+        """
+        lengths = [len(ids) for ids in prompts]
+        batch = torch.zeros(len(prompts), max(lengths), dtype=torch.long)  # token 0 pads; no position reads it
+        for row, ids in zip(batch, prompts, strict=True):
+            row[: len(ids)] = ids
+        last = torch.tensor(lengths) - 1  # (P,)
+        keep = torch.unique(last)  # the positions whose logits are needed, sorted
         inputs: list[Tensor] = []
         outputs: list[Tensor] = []
 
         def grab(module, args, kwargs, output):
-            inputs.append((args[0] if args else kwargs["hidden_states"])[0].detach())
-            outputs.append((output[0] if isinstance(output, tuple) else output)[0].detach())
+            inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
+            outputs.append((output[0] if isinstance(output, tuple) else output).detach())
 
         handles = [layer.register_forward_hook(grab, with_kwargs=True) for layer in self.layers]
         try:
             with torch.no_grad():
-                logits = self.model(input_ids[None].to(self.device), use_cache=False, logits_to_keep=1).logits[0]
+                logits = self.model(batch.to(self.device), use_cache=False, logits_to_keep=keep.to(self.device)).logits
         finally:
             for handle in handles:
                 handle.remove()
-        return inputs, outputs[-1], logits
+        picked = logits[torch.arange(len(prompts)), torch.searchsorted(keep, last).to(self.device)]  # (P, vocab)
+        return inputs, outputs[-1], picked
 
     def prefix(self, input_ids: Tensor) -> Prefix:
-        """Per-layer prefix state, last-position residuals and activations of one clean prompt (T,); P = 1.
+        """`prefixes` of one prompt (T,): P = 1."""
+        return self.prefixes([input_ids])
 
-        The last position is recomputed with `step` from the real model's block inputs; a mismatch with the
-        real forward means this adapter does not cover the model's configuration, and is an error.
+    def prefixes(self, prompts: list[Tensor]) -> Prefix:
+        """Per-layer prefix states, last-position residuals and activations of P clean prompts (T_p,) each.
+
+        One forward of the real model gives every block's inputs; the last positions are recomputed with
+        `pre_neurons` (all prompts as one batch of rows); a mismatch with the real forward means this adapter
+        does not cover the model's configuration, and is an error.
         """
-        inputs, last_out, logits = self.block_io(input_ids)
+        inputs, last_out, logits = self._batched_block_io(prompts)
+        index = torch.arange(len(prompts), device=self.device)
+        last = torch.tensor([len(ids) - 1 for ids in prompts], device=self.device)  # (P,)
         states, resid, acts = [], [], []
-        index = torch.zeros(1, dtype=torch.long, device=self.device)
         with torch.no_grad():
-            for layer, x in enumerate(inputs):
-                state = self.layer_state(layer, x[:-1])
-                r, a = self.pre_neurons(layer, x[-1:], state, index)
+            for layer, x in enumerate(inputs):  # x: (P, T_max, d_model)
+                state = self.stack_states([self.layer_state(layer, x[p, :n]) for p, n in enumerate(last.tolist())])
+                r, a = self.pre_neurons(layer, x[index, last], state, index)
                 states.append(state)
                 resid.append(r)
                 acts.append(a)
-                expected = inputs[layer + 1][-1:] if layer + 1 < self.n_layers else last_out[-1:]
+                expected = (inputs[layer + 1] if layer + 1 < self.n_layers else last_out)[index, last]
                 self._check(layer, r + self.project(layer, a), expected)
         return Prefix(states, torch.stack(resid, 1), torch.stack(acts, 1), logits)
-
-    def stack(self, prefixes: list[Prefix]) -> Prefix:
-        """The prefixes of several prompts as one (P = the sum of theirs), for rows of all of them in one batch."""
-        states = [self.stack_states([p.states[layer] for p in prefixes]) for layer in range(self.n_layers)]
-        return Prefix(states, *(torch.cat([getattr(p, k) for p in prefixes]) for k in ("resid", "acts", "logits")))
 
     def _check(self, layer: int, ours: Tensor, theirs: Tensor) -> None:
         tol = (1e-6 if self.dtype == torch.float64 else 1e-4) * (1.0 + theirs.abs().max().item())
