@@ -127,8 +127,11 @@ def test_two_ranks_give_the_one_process_results(demo_models, tmp_path):
         with np.load(tmp_path / "one" / f"{arch}_knowledge_neurons.npz") as x, \
                 np.load(tmp_path / "two" / f"{arch}_knowledge_neurons.npz") as y:
             assert sorted(x.files) == sorted(y.files)
+            # float32 products on 1 thread (a rank) and on 2 (here) round differently: scores to 1e-6; a
+            # completeness delta is a difference of terms of order 1 (the scores' sum and
+            # P(answer) - P(baseline)), so its round-off is absolute, about 1e-6 of those terms
             for key in x.files:
-                np.testing.assert_allclose(x[key], y[key], rtol=0, atol=1e-6)
+                np.testing.assert_allclose(x[key], y[key], rtol=0, atol=1e-5 if key.endswith("delta") else 1e-6)
     # every rank cached its own facts: all of them are in the (here shared) cache
     assert len(list((tmp_path / "two" / ".kn_cache").rglob("*.pt"))) == 2 * len(SUBSET)
 
