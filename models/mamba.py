@@ -4,6 +4,7 @@ the gated SSM output y * silu(z), width d_inner (1536 for mamba-130m)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -94,12 +95,15 @@ class _DecayedReadout(torch.autograd.Function):
     index (rows,) the prompt p_r of each row -> (rows, d_inner). These elementwise passes over
     (rows, d_inner, d_state), not the matrix products, dominate a Mamba step for hundreds of rows, so the
     decayed states q = exp(Delta A) h are built `ROWS` rows at a time, in cache, and never kept: the forward
-    also returns dy/dDelta = sum_n C A q, and the backward builds q again for dy/dC = q. Rows come in runs of
-    one prompt (the staircase keeps a prompt's alphas together), so a run's h is broadcast, not gathered per
-    row. Gradients flow to Delta and C only (A is a weight, h a state of the clean prompt).
+    also returns dy/dDelta = sum_n C A q, and the backward builds q again for dy/dC = q. On the CPU a block is
+    a run of rows of one prompt (the staircase keeps a prompt's alphas together), whose h is broadcast, not
+    gathered per row; on a GPU, where each block is a kernel launch, blocks are as large as `GATHER_ELEMENTS`
+    allows and gather each row's h. Gradients flow to Delta and C only (A is a weight, h a state of the clean
+    prompt).
     """
 
-    ROWS = 16  # rows per (rows, d_state, d_inner) block: 1.5 MB at Mamba-130M's widths
+    ROWS: ClassVar[dict[str, int]] = {"cpu": 16}  # by device: rows per block of one prompt (1.5 MB at 130M widths)
+    GATHER_ELEMENTS = 2**25  # other devices: elements per (rows, d_state, d_inner) block of gathered states
 
     @staticmethod
     def forward(ctx, dt: Tensor, C: Tensor, A: Tensor, h: Tensor, index: Tensor) -> Tensor:
@@ -108,9 +112,9 @@ class _DecayedReadout(torch.autograd.Function):
         # d_inner innermost: the products over d_state then read whole rows of d_inner (fast matrix-vector forms)
         A, h = A.T.contiguous(), h.transpose(1, 2).contiguous()  # (d_state, d_inner), (P, d_state, d_inner)
         y, slope = torch.empty_like(dt), torch.empty_like(dt)  # (rows, d_inner) y and dy/dDelta
-        ctx.blocks = _blocks(index, _DecayedReadout.ROWS)
-        for rows, prompt in ctx.blocks:
-            q = torch.mul(dt[rows, None, :], A).exp_().mul_(h[prompt])  # (n, d_state, d_inner)
+        ctx.blocks = _blocks(index, h[0].numel(), dt.device.type)
+        for rows, prompts in ctx.blocks:
+            q = torch.mul(dt[rows, None, :], A).exp_().mul_(h[prompts])  # (n, d_state, d_inner)
             c = C[rows, None, :]  # (n, 1, d_state)
             torch.bmm(c, q, out=y[rows, None, :])
             torch.bmm(c, q.mul_(A), out=slope[rows, None, :])
@@ -121,14 +125,22 @@ class _DecayedReadout(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         dt, A, h, slope = ctx.saved_tensors
         grad_C = dt.new_empty(len(dt), A.shape[0])  # (rows, d_state)
-        for rows, prompt in ctx.blocks:
-            q = torch.mul(dt[rows, None, :], A).exp_().mul_(h[prompt])
+        for rows, prompts in ctx.blocks:
+            q = torch.mul(dt[rows, None, :], A).exp_().mul_(h[prompts])
             torch.sum(q.mul_(grad[rows, None, :]), -1, out=grad_C[rows])
         return grad * slope, grad_C, None, None, None
 
 
-def _blocks(index: Tensor, most: int) -> list[tuple[slice, int]]:
-    """index (rows,) -> [(rows, prompt)]: runs of consecutive rows of one prompt, cut to at most `most` rows."""
+def _blocks(index: Tensor, width: int, device: str) -> list[tuple[slice, int | Tensor]]:
+    """index (rows,) -> [(rows, prompts)] blocks of `_DecayedReadout`, `width` = d_state * d_inner elements a row.
+
+    With a ROWS entry for the device: runs of consecutive rows of one prompt (an int), cut to ROWS rows;
+    otherwise slices of GATHER_ELEMENTS / width rows with each row's prompt ((n,) of index).
+    """
+    if device not in _DecayedReadout.ROWS:
+        most = max(1, _DecayedReadout.GATHER_ELEMENTS // width)
+        return [(slice(s, s + most), index[s : s + most]) for s in range(0, len(index), most)]
+    most = _DecayedReadout.ROWS[device]
     prompts, counts = torch.unique_consecutive(index, return_counts=True)
     blocks, start = [], 0
     for prompt, n in zip(prompts.tolist(), counts.tolist(), strict=True):

@@ -8,6 +8,7 @@ from conftest import tiny_mamba2_config
 from transformers import Mamba2ForCausalLM
 
 from models import MambaAdapter, adapter_for
+from models.mamba import _DecayedReadout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -43,3 +44,35 @@ def test_falcon_mamba_needs_its_normalised_b_c_delta(tiny_falcon_mamba):
     adapter_for(model).prefix(ids)
     with pytest.raises(RuntimeError, match="not supported by the adapter"):
         MambaAdapter(model).prefix(ids)
+
+
+@pytest.mark.parametrize("blocks", ["runs of one prompt", "gathered states"])
+def test_mamba_decayed_readout_equals_autograd(monkeypatch, blocks):
+    """Mamba's blocked readout sum_n C exp(Delta A) h, both block forms (runs of one prompt with its state
+    broadcast, as on the CPU; any rows with their states gathered, as on a GPU), against plain autograd; several
+    prompts, runs longer than a block, a short last block."""
+    if blocks == "gathered states":
+        monkeypatch.setattr(_DecayedReadout, "ROWS", {})
+        monkeypatch.setattr(_DecayedReadout, "GATHER_ELEMENTS", 3 * 6 * 4)  # 3 rows of (d_state, d_inner) a block
+    else:
+        monkeypatch.setattr(_DecayedReadout, "ROWS", {"cpu": 3})
+    gen = torch.Generator().manual_seed(0)
+    rows, d_inner, d_state = 11, 6, 4
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    dt = torch.rand(rows, d_inner, generator=gen, dtype=torch.float64).requires_grad_(True)
+    C = rand(rows, d_state).requires_grad_(True)
+    A = -4 * torch.rand(d_inner, d_state, generator=gen, dtype=torch.float64)
+    h, upstream = rand(3, d_inner, d_state), rand(rows, d_inner)
+    index = torch.tensor([0, 0, 0, 0, 2, 2, 1, 1, 1, 1, 1])
+
+    y = _DecayedReadout.apply(dt, C, A, h, index)
+    grads = torch.autograd.grad((y * upstream).sum(), (dt, C))
+    y_ref = torch.einsum("rn,rdn->rd", C, torch.exp(dt[:, :, None] * A) * h[index])
+    grads_ref = torch.autograd.grad((y_ref * upstream).sum(), (dt, C))
+
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-14)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-14)
