@@ -12,14 +12,16 @@ is the GPT-2 length of "The Eiffel Tower is located in the city of". For every m
 
 - fast: the staircase, one prompt at a time; reference: one hooked full forward + backward of the scaled
   copies per layer (as the EleutherAI package does it), the speed-up and max |fast - ref| / max |ref|;
-- batched: `attribute_many` on --batch prompts at once vs the same prompts one at a time (per-prompt
-  seconds, prompts/s, speed-up, max relative difference), and the projected hours for 250,000 prompts;
+- batched: `attribute_many` on --batch prompts at once vs the same prompts one at a time, alternated --repeats
+  times and the fastest of each kept (per-prompt seconds, prompts/s, speed-up, max relative difference), and
+  the projected hours for 250,000 prompts;
 - eleuther (GPT-2 only, unless --no-eleuther): EleutherAI `knowledge-neurons` 0.0.2 `get_scores` on the same
   model and prompt, run in a subprocess with that package installed on its own (pip --target) under
   benchmarks/.eleuther, so its `knowledge_neurons` module does not meet ours.
 
     python benchmarks/bench_attribution.py [--threads 1] [--steps 20] [--archs gpt2 gpt_neox mamba mamba2 falcon_mamba]
-                                           [--lengths 5 11] [--batch 8] [--no-eleuther] [--device cpu]
+                                           [--lengths 5 11] [--batch 8] [--repeats 2] [--no-eleuther]
+                                           [--device cpu]
 """
 
 from __future__ import annotations
@@ -153,8 +155,12 @@ def bench_model(arch: str, args, device: torch.device, folder: Path) -> tuple[li
         print(table(SINGLE, single[-1:]), flush=True)
 
         items = [(p, ANSWER) for p in batch_prompts(length, args.batch)]
-        alone, t_alone = timed(lambda it=items: [kn.attribute(p, a, steps=args.steps) for p, a in it], device)
-        together, t_many = timed(lambda it=items: kn.attribute_many(it, steps=args.steps), device)
+        t_alone, t_many = float("inf"), float("inf")
+        for _ in range(args.repeats):  # alternating, the fastest of each: a shared machine drifts by 10 %
+            alone, t = timed(lambda it=items: [kn.attribute(p, a, steps=args.steps) for p, a in it], device)
+            t_alone = min(t_alone, t)
+            together, t = timed(lambda it=items: kn.attribute_many(it, steps=args.steps), device)
+            t_many = min(t_many, t)
         diff = max(rel(b.scores, a) for a, b in zip(alone, together, strict=True))
         rate = len(items) / t_many
         batched.append([arch, length, len(items), t_alone / len(items), t_many / len(items), t_alone / t_many,
@@ -176,6 +182,8 @@ def main() -> None:
                    help="models to time (default: gpt2 mamba)")
     p.add_argument("--lengths", nargs="+", type=int, default=[5, 11], choices=sorted(PROMPTS))
     p.add_argument("--batch", type=int, default=8, help="prompts per attribute_many call (default: 8)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="batched vs one at a time: alternate this many times, keep each one's fastest (default: 2)")
     p.add_argument("--no-eleuther", dest="eleuther", action="store_false",
                    help="skip the EleutherAI knowledge-neurons timing (GPT-2 on CPU only)")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (default: cpu)")
