@@ -189,8 +189,9 @@ class Adapter:
         finally:
             for handle in handles:
                 handle.remove()
-        picked = logits[torch.arange(len(prompts)), torch.searchsorted(keep, last).to(self.device)]  # (P, vocab)
-        return inputs, outputs[-1], picked
+        # a model that ignores logits_to_keep (Mamba in transformers 4.x) returns every position
+        position = last if logits.shape[1] == batch.shape[1] else torch.searchsorted(keep, last)
+        return inputs, outputs[-1], logits[torch.arange(len(prompts)), position.to(self.device)]  # (P, vocab)
 
     def prefix(self, input_ids: Tensor) -> Prefix:
         """`prefixes` of one prompt (T,): P = 1."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 from torch import nn
 
 from errors import UserError
@@ -19,6 +21,9 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "falcon_mamba": FalconMambaAdapter,
     "mamba2": Mamba2Adapter,
 }
+# Their adapters read module attributes that transformers 4.x names otherwise or lacks (e.g. Falcon-Mamba's
+# dt_layernorm, the gated norm's group_size); tested with transformers 5.24.
+NEEDS_TRANSFORMERS_5 = ("mamba2", "falcon_mamba")
 
 
 def adapter_for(model: nn.Module) -> Adapter:
@@ -26,4 +31,7 @@ def adapter_for(model: nn.Module) -> Adapter:
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind not in ADAPTERS:
         raise UserError(f"architecture '{kind}' is not supported: only {', '.join(ADAPTERS)} models are")
+    if kind in NEEDS_TRANSFORMERS_5 and int(version("transformers").split(".")[0]) < 5:
+        raise UserError(f"{kind} models need transformers 5 (this is {version('transformers')}): "
+                        "pip install -U 'transformers>=5,<6'")
     return ADAPTERS[kind](model)

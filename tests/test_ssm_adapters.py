@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_mamba2_config
 from transformers import Mamba2ForCausalLM
 
+from errors import UserError
 from models import MambaAdapter, adapter_for
 from models.mamba import _DecayedReadout
 
@@ -76,3 +77,13 @@ def test_mamba_decayed_readout_equals_autograd(monkeypatch, blocks):
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-14)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-14)
+
+
+def test_mamba2_and_falcon_mamba_ask_for_transformers_5(monkeypatch, tiny_mamba2, tiny_falcon_mamba):
+    """Under transformers 4.x their adapters would fail on a missing module attribute; instead a clear error."""
+    import models.registry
+
+    monkeypatch.setattr(models.registry, "version", lambda package: "4.57.6")
+    for model, _ in (tiny_mamba2, tiny_falcon_mamba):
+        with pytest.raises(UserError, match="need transformers 5"):
+            adapter_for(model)
