@@ -56,7 +56,7 @@ def main() -> None:
             for line in run.stderr:  # log lines (passed on), stamped as they arrive
                 sys.stderr.write(line)
                 if line.startswith("wrote "):
-                    marks.append([line.split()[1].rsplit("/", 1)[-1], time.perf_counter() - start])
+                    marks.append([Path(line.split()[1]).name, time.perf_counter() - start])
         total = time.perf_counter() - start
         if run.returncode:
             raise SystemExit(f"main.py knowledge failed with exit code {run.returncode}")

@@ -94,7 +94,7 @@ class _DecayedReadout(torch.autograd.Function):
     Delta (rows, d_inner), C (rows, d_state), A (d_inner, d_state), h (P, d_inner, d_state) the prompts' states,
     index (rows,) the prompt p_r of each row -> (rows, d_inner). These elementwise passes over
     (rows, d_inner, d_state), not the matrix products, dominate a Mamba step for hundreds of rows, so the
-    decayed states q = exp(Delta A) h are built `ROWS` rows at a time, in cache, and never kept: the forward
+    decayed states q = exp(Delta A) h are built a block of rows at a time, in cache, and never kept: the forward
     also returns dy/dDelta = sum_n C A q, and the backward builds q again for dy/dC = q. On the CPU a block is
     a run of rows of one prompt (the staircase keeps a prompt's alphas together), whose h is broadcast, not
     gathered per row; on a GPU, where each block is a kernel launch, blocks are as large as `GATHER_ELEMENTS`
