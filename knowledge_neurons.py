@@ -207,21 +207,20 @@ class KnowledgeNeurons:
         return out
 
     # --- the two ways of computing the path gradients ------------------------------------------------------
-    def _path(self, acts: Tensor, alphas: Tensor, baseline: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Scaled activations s (..., n_layers, rows, width) and acts - baseline (..., n_layers, width).
+    def _path(self, acts: Tensor, alphas: Tensor, baseline: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Row alphas a (R,), baseline b and acts - b (..., n_layers, width) of activations acts (same shape).
 
-        acts: (..., n_layers, width). The rows are the quadrature points, then the baseline itself unless the
-        first point already is it (riemann_left), so P(y | baseline) comes out of the same batch.
+        The rows are the quadrature points, then the baseline itself unless the first point already is it
+        (riemann_left), so P(y | baseline) comes out of the same batch. Row k of layer l scales to b + a_k (acts - b).
         """
         base = torch.zeros_like(acts) if baseline is None else baseline.to(acts).expand_as(acts)
         a = alphas if alphas[0] == 0 else torch.cat([alphas, alphas.new_zeros(1)])
-        diff = acts - base
-        return base[..., None, :] + a.to(acts)[:, None] * diff[..., None, :], diff
+        return a.to(acts), base, acts - base
 
-    def _combine(self, grads, probs, diff, weights, p_clean) -> tuple[Tensor, Tensor, Tensor]:
-        """grads (L, rows, W), probs (L, rows) -> scores (L, W), delta (L,), clean P."""
-        steps = len(weights)
-        scores = diff * torch.einsum("k,lkw->lw", weights.to(grads), grads[:, :steps])
+    def _combine(self, weighted, probs, diff, steps, p_clean) -> tuple[Tensor, Tensor, Tensor]:
+        """Neuron gradients weighted over the quadrature (L, W), row probs (L, rows) -> scores (L, W), delta (L,),
+        clean P."""
+        scores = diff * weighted
         p_baseline = probs[:, -1] if probs.shape[1] > steps else probs[:, 0]
         delta = scores.sum(-1) - (p_clean - p_baseline)
         return scores.detach().cpu(), delta.detach().cpu(), p_clean.detach().cpu()
@@ -229,37 +228,54 @@ class KnowledgeNeurons:
     def _fast(self, instances, alphas, weights, batch_size, baseline) -> list[tuple[Tensor, Tensor, Tensor]]:
         """The staircase for P instances (input ids, target) at once -> per instance (scores, delta, clean P).
 
-        Rows r = (layer l, instance p, alpha k), sorted by layer: each joins the batch after block l.
+        Rows r = (layer l, instance p, alpha k), sorted by layer: each joins the batch after block l. The output
+        projection is affine, so a row's block output is resid + project(baseline) + alpha (acts - baseline) V,
+        with V (width, d_model) the layer's value slots: the rows differ only in alpha along one direction in
+        d_model, and they are the leaves. The neurons' gradients (weighted over alphas) are then one product
+        with V.T per layer and instance instead of one per row, as is the projection in the forward pass.
         """
         ad = self.adapter
         prefix = ad.prefixes([self._ids(ids) for ids, _ in instances])
         targets = torch.tensor([t for _, t in instances], device=ad.device)
-        s, diff = self._path(prefix.acts, alphas, baseline)  # (P, L, R, W), (P, L, W)
-        P, L, R, W = s.shape
-        flat = s.permute(1, 0, 2, 3).reshape(L * P * R, W)  # rows sorted by layer, then instance, then alpha
-        grid = torch.arange(L * P * R, device=s.device)
-        layer_of_row, instance_of_row = grid // (P * R), grid // R % P
-        grads, probs = torch.empty_like(flat), flat.new_empty(L * P * R)
+        a, base, diff = self._path(prefix.acts, alphas, baseline)  # (R,), (P, L, W), (P, L, W)
+        origin, direction = self._entries(prefix, base, diff)  # (P, L, d_model) each
+        P, L, R, D = *origin.shape[:2], len(a), origin.shape[-1]
+        grid = torch.arange(L * P * R, device=origin.device)  # rows sorted by layer, then instance, then alpha
+        layer_of_row, instance_of_row, alpha_of_row = grid // (P * R), grid // R % P, grid % R
+        grads, probs = origin.new_empty(L * P * R, D), origin.new_empty(L * P * R)
         chunk = batch_size or L * P * R
         for start in range(0, L * P * R, chunk):
             rows = slice(start, start + chunk)
-            leaf = flat[rows].detach().requires_grad_(True)
+            lay, inst = layer_of_row[rows], instance_of_row[rows]
+            entry = origin[inst, lay] + a[alpha_of_row[rows], None] * direction[inst, lay]
+            leaf = entry.requires_grad_(True)  # (n, d_model) block outputs of the rows' own layers
             try:
                 with torch.enable_grad():
-                    p = self._staircase(prefix, layer_of_row[rows], instance_of_row[rows], leaf, targets)
+                    p = self._staircase(prefix, lay, inst, leaf, targets)
                     (g,) = torch.autograd.grad(p.sum(), leaf)
             except torch.OutOfMemoryError as exc:
                 raise UserError(f"out of {ad.device.type} memory with {len(leaf)} rows per pass: lower --batch-size "
                                 f"(batch_size=) to fewer rows") from exc
             grads[rows], probs[rows] = g, p.detach()
-        grads = grads.view(L, P, R, W).transpose(0, 1)
+        steps = len(weights)
+        weighted = torch.einsum("k,lpkd->lpd", weights.to(grads), grads.view(L, P, R, D)[:, :, :steps])
+        neuron_grads = torch.stack([weighted[layer] @ ad.value_slots(layer).detach().T for layer in range(L)], 1)
         probs = probs.view(L, P, R).transpose(0, 1)
         p_clean = prefix.logits.softmax(-1).gather(1, targets[:, None])[:, 0]  # (P,)
-        return [self._combine(grads[i], probs[i], diff[i], weights, p_clean[i]) for i in range(P)]
+        return [self._combine(neuron_grads[i], probs[i], diff[i], steps, p_clean[i]) for i in range(P)]
 
-    def _staircase(self, prefix: Prefix, layer_of_row: Tensor, instance_of_row: Tensor, s: Tensor,
+    def _entries(self, prefix: Prefix, base: Tensor, diff: Tensor) -> tuple[Tensor, Tensor]:
+        """Where the rows of each (instance, layer) start: block output resid + project(baseline) at alpha = 0,
+        and its change per unit of alpha, (acts - baseline) V. base, diff (P, L, W) -> each (P, L, d_model)."""
+        ad = self.adapter
+        with torch.no_grad():
+            origin = prefix.resid + torch.stack([ad.project(lay, base[:, lay]) for lay in range(ad.n_layers)], 1)
+            direction = torch.stack([diff[:, lay] @ ad.value_slots(lay) for lay in range(ad.n_layers)], 1)
+        return origin, direction
+
+    def _staircase(self, prefix: Prefix, layer_of_row: Tensor, instance_of_row: Tensor, entry: Tensor,
                    targets: Tensor) -> Tensor:
-        """P(target of the row's instance) for rows whose neurons of layer `layer_of_row` (n,) are set to s (n, W).
+        """P(target of the row's instance) for rows whose block `layer_of_row` (n,) outputs entry (n, d_model).
 
         Rows are sorted by layer; each joins the batch after its layer and steps through the blocks above,
         against its own instance's prefix state (instance_of_row (n,)).
@@ -272,14 +288,15 @@ class KnowledgeNeurons:
             joins = layer_of_row == layer
             if joins.any():
                 new_index = instance_of_row[joins]
-                joined = prefix.resid[new_index, layer] + ad.project(layer, s[joins])
-                h, index = (joined, new_index) if h is None else (torch.cat([h, joined]), torch.cat([index, new_index]))
+                h, index = ((entry[joins], new_index) if h is None
+                            else (torch.cat([h, entry[joins]]), torch.cat([index, new_index])))
         return ad.answer_probability(h, targets[index])
 
     def _reference(self, ids, target, alphas, weights, batch_size, baseline):
         ad = self.adapter
         acts = self._clean_activations(ids)
-        s, diff = self._path(acts, alphas, baseline)
+        a, base, diff = self._path(acts, alphas, baseline)
+        s = base[:, None, :] + a[:, None] * diff[:, None, :]  # (L, R, W) scaled activations
         L, R, _ = s.shape
         grads, probs = torch.empty_like(s), s.new_empty(L, R)
         chunk = batch_size or R
@@ -297,7 +314,8 @@ class KnowledgeNeurons:
                 grads[layer, start : start + chunk], probs[layer, start : start + chunk] = g, p.detach()
         with torch.no_grad():
             p_clean = self.model(ids[None], use_cache=False).logits[0, -1].softmax(-1)[target]
-        return self._combine(grads, probs, diff, weights, p_clean)
+        weighted = torch.einsum("k,lkw->lw", weights.to(grads), grads[:, : len(weights)])
+        return self._combine(weighted, probs, diff, len(weights), p_clean)
 
     def _clean_activations(self, ids: Tensor) -> Tensor:
         """(n_layers, width) neuron activations at the last position, read by hooks from a full forward."""

@@ -5,10 +5,14 @@ does not depend on the weights) and a word-level stand-in tokenizer over the fac
 or punctuation mark, about what GPT-2's tokenizer gives for these common words (it splits some rare names into
 several). The run is `main.py knowledge --gpt2-model ... --mamba-model ... --fresh` in a subprocess with
 --threads torch threads; the table gives the whole run's wall time and when each model's knowledge neurons were
-written (interventions come after both). --code runs the main.py of another checkout on the same models, e.g. a
+written (interventions come after both). With --procs N the run is sharded over N processes of --threads
+threads each by torchrun (gloo), as `torchrun --standalone --nproc-per-node N main.py knowledge` does; on a
+machine whose cores share a memory bus, N one-thread processes use them better than one N-thread process, whose
+small operations do not split well. --code runs the main.py of another checkout on the same models, e.g. a
 `git worktree` of an older commit, to compare code versions on the same machine:
 
-    python benchmarks/bench_knowledge_mode.py [--threads 2] [--steps 20] [--code DIR] [-- extra main.py options]
+    python benchmarks/bench_knowledge_mode.py [--threads 2] [--procs 1] [--steps 20] [--code DIR]
+                                              [-- extra main.py options]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ ARCHS = ("gpt2", "mamba")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads of the run (default: 2)")
+    p.add_argument("--procs", type=int, default=1, help="processes (torchrun ranks) of --threads threads (default: 1)")
     p.add_argument("--steps", type=int, default=20, help="integration steps (default: 20)")
     p.add_argument("--code", type=Path, default=ROOT, help="the checkout whose main.py runs (default: this one)")
     p.add_argument("extra", nargs="*", help="more main.py options, after --")
@@ -46,7 +51,9 @@ def main() -> None:
         folders = {arch: Path(tmp) / arch for arch in ARCHS}
         for arch, folder in folders.items():
             save_model(arch, folder, texts)
-        cmd = [sys.executable, str(args.code / "main.py"), "knowledge", "--gpt2-model", str(folders["gpt2"]),
+        launcher = [sys.executable] if args.procs == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.procs)]
+        cmd = [*launcher, str(args.code / "main.py"), "knowledge", "--gpt2-model", str(folders["gpt2"]),
                "--mamba-model", str(folders["mamba"]), "--out", str(Path(tmp) / "out"), "--steps", str(args.steps),
                "--fresh", *args.extra]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -55,8 +62,8 @@ def main() -> None:
         with subprocess.Popen(cmd, cwd=args.code, env=env, stderr=subprocess.PIPE, text=True) as run:
             for line in run.stderr:  # log lines (passed on), stamped as they arrive
                 sys.stderr.write(line)
-                if line.startswith("wrote "):
-                    marks.append([Path(line.split()[1]).name, time.perf_counter() - start])
+                if line.split("]:")[-1].startswith("wrote "):  # torchrun may prefix "[rank0]:"
+                    marks.append([Path(line.split("]:")[-1].split()[1]).name, time.perf_counter() - start])
         total = time.perf_counter() - start
         if run.returncode:
             raise SystemExit(f"main.py knowledge failed with exit code {run.returncode}")
@@ -64,7 +71,7 @@ def main() -> None:
                             text=True).stdout.strip()
     print(f"\ncode: {args.code} ({commit[:80]})")
     print(f"{len(FACTS)} facts, {sum(len(f.prompts) for f in FACTS)} prompts, {args.steps} steps, "
-          f"{args.threads} thread(s), torch {torch.__version__}")
+          f"{args.procs} process(es) of {args.threads} thread(s), torch {torch.__version__}")
     print(table(["written", "after s"], [*marks, ["(whole run)", total]]))
 
 
