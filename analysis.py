@@ -28,6 +28,7 @@ from statistics_kn import neurons_per_layer, overlap_statistics
 log = logging.getLogger(__name__)
 
 BASELINES = ("zero", "mean", "reference")
+FROM_FACTS = "from facts"  # find_knowledge_neurons' default baseline: computed from the facts it is given
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def baseline_activations(kn: KnowledgeNeurons, facts: Sequence[Fact], options: O
         return None
     if options.baseline == "reference":
         return kn.activations(options.baseline_prompt)
-    return torch.stack([kn.activations(p) for f in facts for p in f.prompts]).mean(0)
+    return kn.activations_many([p for f in facts for p in f.prompts]).mean(0)
 
 
 def attribute_fact(kn: KnowledgeNeurons, fact: Fact, options: Options, baseline: Tensor | None) -> FactResult:
@@ -144,10 +145,17 @@ def attribute_fact(kn: KnowledgeNeurons, fact: Fact, options: Options, baseline:
 
 
 class FactCache:
-    """Finished facts of one model and option set, one file each, under `folder`."""
+    """Finished facts of one model, option set and baseline, one file each, under `folder`.
 
-    def __init__(self, folder: Path, model_name: str, model, options: Options):
-        key = json.dumps({"model": model_fingerprint(model), **options.scores_key()}, sort_keys=True)
+    baseline: the activations alpha = 0 stood for (None: zeros); its bytes are part of the key, since a mean
+    baseline depends on the facts it was averaged over, not only on the options.
+    """
+
+    def __init__(self, folder: Path, model_name: str, model, options: Options, baseline: Tensor | None = None):
+        content = {"model": model_fingerprint(model), **options.scores_key()}
+        if baseline is not None:
+            content["baseline_sha256"] = hashlib.sha256(baseline.detach().cpu().double().numpy().tobytes()).hexdigest()
+        key = json.dumps(content, sort_keys=True)
         self.key = hashlib.sha256(key.encode()).hexdigest()[:16]
         self.folder = Path(folder) / f"{Path(model_name).name or 'model'}-{self.key}"
 
@@ -189,13 +197,17 @@ def find_knowledge_neurons(
     resume: bool = True,
     progress: bool = True,
     label: str | None = None,
+    baseline: Tensor | str | None = FROM_FACTS,
 ) -> ModelResult:
     """Attribute every prompt of every fact; finished facts are saved to `cache_dir` (when given) and, with
     `resume`, taken from there instead of being recomputed. `label` ("GPT-2") names the model in the progress
-    bar and log (default: the folder name)."""
+    bar and log (default: the folder name). baseline: the (n_layers, width) activations alpha = 0 stands for,
+    None for zeros, or FROM_FACTS: `baseline_activations` of these facts and options (the pipeline computes it
+    once from all facts and passes it on, as it attributes them in shares)."""
     label = label or Path(model_name).name
-    cache = FactCache(cache_dir, model_name, kn.model, options) if cache_dir else None
-    baseline = baseline_activations(kn, facts, options)
+    if isinstance(baseline, str):
+        baseline = baseline_activations(kn, facts, options)
+    cache = FactCache(cache_dir, model_name, kn.model, options, baseline) if cache_dir else None
     results, reused = [], 0
     for fact in tqdm(facts, desc=f"knowledge neurons {label}", unit="fact", disable=not progress):
         cached = cache.load(fact) if cache and resume else None

@@ -77,13 +77,10 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init(device: str, baseline: str) -> None:
+def init(device: str) -> None:
     """Join the process group that torchrun set up (nothing without torchrun)."""
     if not enabled() or dist.is_initialized():
         return
-    if baseline == "mean":
-        raise UserError("--baseline mean averages activations over all facts, which no rank sees under torchrun: "
-                        "use --baseline zero or reference, or one process")
     target = resolve_device(device)
     if target.type == "cuda":
         if target.index is not None:

@@ -131,6 +131,12 @@ class KnowledgeNeurons:
         with _eval_mode(self.model):
             return self.adapter.prefix(self._ids(encode_prompt(self.tokenizer, prompt))).acts[0]
 
+    def activations_many(self, prompts: Sequence[str], batch: int = 64) -> Tensor:
+        """(P, n_layers, width) neuron activations at each prompt's last position, `batch` prompts per forward."""
+        ids = [self._ids(encode_prompt(self.tokenizer, p)) for p in prompts]
+        with _eval_mode(self.model):
+            return torch.cat([self.adapter.prefixes(ids[i : i + batch]).acts for i in range(0, len(ids), batch)])
+
     def get_coarse_neurons(self, prompt: str, answer: str, threshold: float = 0.2, **kwargs) -> list[Neuron]:
         """Coarse neurons of one prompt: score >= threshold * max score. kwargs go to `attribute`."""
         return coarse_neurons(self.attribute(prompt, answer, **kwargs), threshold)

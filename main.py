@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> None:
     from report import demo_caveat
 
     preflight.check_arguments(args)
-    distributed.init(args.device, args.baseline)  # under torchrun: join the other ranks
+    distributed.init(args.device)  # under torchrun: join the other ranks
     torch.manual_seed(args.seed)
     facts = load_facts_option(args)
     with distributed.local_rank_zero_first():  # --demo builds its models once per host

@@ -119,8 +119,11 @@ def test_baseline_equal_to_activation_gives_zero_scores(tiny_model):
 
 def test_mean_baseline_completeness(tiny_model):
     kn = KnowledgeNeurons(*tiny_model)
-    prompts = ("The capital of France is", "The Eiffel Tower is in")
-    base = torch.stack([kn.activations(p) for p in prompts]).mean(0)
+    prompts = ("The capital of France is", "The Eiffel Tower is in", "The")
+    one_by_one = torch.stack([kn.activations(p) for p in prompts])
+    for batch in (2, 64):  # several forwards of padded prompts, or one
+        torch.testing.assert_close(kn.activations_many(prompts, batch=batch), one_by_one, rtol=1e-4, atol=1e-5)
+    base = one_by_one[:2].mean(0)
     result = kn.attribute_detailed(PROMPT, "Paris", steps=16, ig_method="gausslegendre", baseline=base)
     assert result.scores.abs().max().item() > 0
     assert result.delta.abs().max().item() < 1e-5

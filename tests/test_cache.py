@@ -55,3 +55,21 @@ def test_cache_file_of_another_shape_is_recomputed(tiny_gpt2, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert cache.load(FACT) is None
     assert "holds [1, 2] prompts, the fact has 2" in caplog.text
+
+
+def test_a_mean_baseline_over_other_facts_is_not_reused(tiny_gpt2, tmp_path, caplog):
+    """The mean baseline depends on the facts it averages over, which the options do not name: a run over other
+    facts must not take this fact's scores from the cache."""
+    kn = KnowledgeNeurons(*tiny_gpt2)
+    options = Options(steps=2, baseline="mean")
+    other = Fact("capital_italy", "capital_of", "Italy", "Rome", ("The capital of Italy is", "Italy's capital is"))
+    alone = find_knowledge_neurons(kn, [FACT], options, "tiny", tmp_path, progress=False).facts[0]
+    with caplog.at_level(logging.INFO):
+        both = find_knowledge_neurons(kn, [FACT, other], options, "tiny", tmp_path, progress=False).facts[0]
+    assert "reused" not in caplog.text
+    assert not torch.allclose(both.scores, alone.scores)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = find_knowledge_neurons(kn, [FACT, other], options, "tiny", tmp_path, progress=False).facts[0]
+    assert "reused 2 of 2 facts" in caplog.text
+    assert torch.equal(again.scores, both.scores)
