@@ -120,13 +120,15 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def baseline_activations(kn: KnowledgeNeurons, facts: Sequence[Fact], options: Options) -> Tensor | None:
-    """(n_layers, width) activations that alpha = 0 stands for; None for the zero baseline."""
+def baseline_activations(kn: KnowledgeNeurons, facts: Sequence[Fact], options: Options,
+                         progress: bool = False) -> Tensor | None:
+    """(n_layers, width) activations that alpha = 0 stands for; None for the zero baseline. progress: a progress
+    bar over the forwards of the mean baseline."""
     if options.baseline == "zero":
         return None
     if options.baseline == "reference":
         return kn.activations(options.baseline_prompt)
-    return kn.activations_many([p for f in facts for p in f.prompts]).mean(0)
+    return kn.activations_many([p for f in facts for p in f.prompts], progress=progress).mean(0)
 
 
 def attribute_fact(kn: KnowledgeNeurons, fact: Fact, options: Options, baseline: Tensor | None) -> FactResult:

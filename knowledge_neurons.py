@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from errors import UserError
 from models import Adapter, Prefix, adapter_for
@@ -131,11 +132,12 @@ class KnowledgeNeurons:
         with _eval_mode(self.model):
             return self.adapter.prefix(self._ids(encode_prompt(self.tokenizer, prompt))).acts[0]
 
-    def activations_many(self, prompts: Sequence[str], batch: int = 64) -> Tensor:
+    def activations_many(self, prompts: Sequence[str], batch: int = 64, progress: bool = False) -> Tensor:
         """(P, n_layers, width) neuron activations at each prompt's last position, `batch` prompts per forward."""
         ids = [self._ids(encode_prompt(self.tokenizer, p)) for p in prompts]
+        starts = tqdm(range(0, len(ids), batch), desc="activations", unit="batch", disable=not progress)
         with _eval_mode(self.model):
-            return torch.cat([self.adapter.prefixes(ids[i : i + batch]).acts for i in range(0, len(ids), batch)])
+            return torch.cat([self.adapter.prefixes(ids[i : i + batch]).acts for i in starts])
 
     def get_coarse_neurons(self, prompt: str, answer: str, threshold: float = 0.2, **kwargs) -> list[Neuron]:
         """Coarse neurons of one prompt: score >= threshold * max score. kwargs go to `attribute`."""

@@ -68,7 +68,8 @@ def knowledge_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
     for label, name in names.items():
         model, tokenizer = load_model(name, args.device)
         kn = KnowledgeNeurons(model, tokenizer)
-        baseline = baseline_activations(kn, facts, options)  # from all facts: under torchrun, every rank alike
+        # from all facts: under torchrun, every rank alike
+        baseline = baseline_activations(kn, facts, options, progress=not args.quiet and distributed.is_main())
         attribute = partial(find_knowledge_neurons, kn, options=options, model_name=name, baseline=baseline,
                             cache_dir=out / ".kn_cache", resume=not args.fresh, label=display(label))
         result = distributed.shard_and_gather(attribute, kn, facts, progress=not args.quiet, label=display(label))

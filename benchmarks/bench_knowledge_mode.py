@@ -6,9 +6,9 @@ or punctuation mark, about what GPT-2's tokenizer gives for these common words (
 several). The run is `main.py knowledge --gpt2-model ... --mamba-model ... --fresh` in a subprocess with
 --threads torch threads; the table gives the whole run's wall time and when each model's knowledge neurons were
 written (interventions come after both). With --procs N the run is sharded over N processes of --threads
-threads each by torchrun (gloo), as `torchrun --standalone --nproc-per-node N main.py knowledge` does; on a
-machine whose cores share a memory bus, N one-thread processes use them better than one N-thread process, whose
-small operations do not split well. --code runs the main.py of another checkout on the same models, e.g. a
+threads each by torchrun (gloo), as `torchrun --standalone --nproc-per-node N main.py knowledge` does: N
+one-thread processes may use the cores better than one N-thread process, whose small operations split badly
+(the README has the figures). --code runs the main.py of another checkout on the same models, e.g. a
 `git worktree` of an older commit, to compare code versions on the same machine:
 
     python benchmarks/bench_knowledge_mode.py [--threads 2] [--procs 1] [--steps 20] [--code DIR]
