@@ -38,11 +38,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from errors import UserError
+from common.errors import UserError
+from common.tokens import encode, subject_positions
 from facts import Fact
 from knowledge_neurons import Neuron
 from models import SSMAdapter, SSMInputs, adapter_for
-from tokens import encode, subject_positions
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from errors import UserError
+from common.errors import UserError
 
 KEYS = ("id", "relation", "subject", "answer", "prompts")
 OPTIONAL_KEYS = ("new_answer",)
@@ -36,7 +36,7 @@ class Fact:
     subject: str  # appears verbatim in every prompt, e.g. "France"
     answer: str  # without leading space, e.g. "Paris"; may be several tokens
     prompts: tuple[str, ...]  # cloze paraphrases, each ending where the answer begins
-    new_answer: str | None = None  # the answer a knowledge edit writes in (editing.py); None = chosen there
+    new_answer: str | None = None  # the answer a knowledge edit writes in (editing/edits.py); None = chosen there
 
 
 # -----------------------------------------------------------------------------

@@ -31,9 +31,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from errors import UserError
+from common.errors import UserError
+from common.tokens import encode, encode_prompt, teacher_forced
 from models import Adapter, Prefix, adapter_for
-from tokens import encode, encode_prompt, teacher_forced
 
 IG_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 Neuron = tuple[int, int, float]  # (layer, neuron index, score)

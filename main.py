@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-import distributed
-from analysis import BASELINES, Options
-from editing import RULES, EditOptions
-from errors import UserError
+from analysis.stage import BASELINES, Options
+from common.errors import UserError
+from editing.edits import RULES, EditOptions
 from facts import FACTS, Fact, load_facts, select_facts
 from knowledge_neurons import IG_METHODS
-from pararel import load_pararel
+from run import distributed
+from sources.pararel import load_pararel
 
 log = logging.getLogger("knowledge_neurons")
 
@@ -147,7 +147,7 @@ def model_names(args: argparse.Namespace, facts) -> tuple[dict[str, str], dict[s
     else:
         names, roles = dict(DEFAULT_MODELS), {k: k for k in DEFAULT_MODELS}
     if args.demo:
-        from demo_models import demo_architecture, ensure_demo_models
+        from models.demo import demo_architecture, ensure_demo_models
 
         wanted = {label: demo_architecture(name) for label, name in names.items()}
         if not args.models:  # explicit --gpt2-model / --mamba-model keep their own model
@@ -173,9 +173,8 @@ def load_facts_option(args: argparse.Namespace) -> list[Fact]:
 
 
 def run(args: argparse.Namespace) -> None:
-    import pipeline
-    import preflight
-    from report import demo_caveat
+    from report.markdown import demo_caveat
+    from run import pipeline, preflight
 
     preflight.check_arguments(args)
     distributed.init(args.device)  # under torchrun: join the other ranks

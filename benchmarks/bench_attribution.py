@@ -42,9 +42,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.outputs import table  # noqa: E402
 from knowledge_neurons import KnowledgeNeurons  # noqa: E402
 from models import load_model  # noqa: E402
-from outputs import table  # noqa: E402
 
 PROMPTS = {5: "The Eiffel Tower is in", 11: "The Eiffel Tower in France is located in the city of"}
 SUBJECTS = ["Eiffel", "Louvre", "Colosseum", "Kremlin", "Parthenon", "Alhambra", "Acropolis", "Pantheon"]

@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.outputs import table  # noqa: E402
 from facts import FACTS  # noqa: E402
-from outputs import table  # noqa: E402
 
 STAGE = re.compile(r"knowledge neurons gpt2: (\d+) prompts of \d+ facts in ([\d.]+) s on \d+ rank")
 

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_attribution import save_model  # noqa: E402
 
+from common.outputs import table  # noqa: E402
 from facts import FACTS  # noqa: E402
-from outputs import table  # noqa: E402
 
 ARCHS = ("gpt2", "mamba")
 

@@ -3,7 +3,10 @@
 A "neuron" of layer l is one unit of the input of the block's output projection (see each architecture's
 module). `base.Adapter` is the interface method code uses; `registry.ADAPTERS` maps `config.model_type` to
 its adapter; `loading.load_model` loads a model and tokenizer from a folder or the hub (`load_config` and
-`load_tokenizer` read the parts without the weights).
+`load_tokenizer` read the parts without the weights); `demo` trains the tiny offline demo models (imported by
+name, not re-exported here: it needs the fact table).
+
+May import `common` and, in `demo` only, the top-level `facts` module; never a method module or a package above.
 """
 
 from models.base import Adapter, Prefix

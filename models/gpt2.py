@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from errors import UserError
+from common.errors import UserError
 from models.attention import KV, TransformerAdapter
 
 

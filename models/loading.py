@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from errors import UserError
+from common.errors import UserError
 from models.registry import ADAPTERS
 
 DEVICES = "auto, cpu, cuda or cuda:N"

@@ -6,7 +6,7 @@ from importlib.metadata import version
 
 from torch import nn
 
-from errors import UserError
+from common.errors import UserError
 from models.base import Adapter
 from models.falcon_mamba import FalconMambaAdapter
 from models.gpt2 import GPT2Adapter

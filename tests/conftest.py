@@ -117,8 +117,8 @@ def demo_models(tmp_path_factory):
     """
     import os
 
-    from demo_models import ensure_demo_models
     from facts import FACTS
+    from models.demo import ensure_demo_models
 
     cache = os.environ.get("KN_TEST_DEMO_CACHE") or tmp_path_factory.mktemp("demo")
     return ensure_demo_models(FACTS, cache_dir=cache, progress=False)

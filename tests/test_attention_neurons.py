@@ -11,7 +11,6 @@ import torch
 from conftest import tiny_mamba2_config
 from transformers import FalconMambaConfig, FalconMambaForCausalLM, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
-from attention_figures import plot_hidden_attention, plot_subject_flow, token_labels
 from attention_neurons import (
     flow_shares,
     hidden_attention,
@@ -22,10 +21,11 @@ from attention_neurons import (
     subject_mixing,
     token_flow,
 )
-from errors import UserError
+from common.errors import UserError
+from common.tokens import encode
 from facts import Fact
 from models import adapter_for
-from tokens import encode
+from report.attention_figures import plot_hidden_attention, plot_subject_flow, token_labels
 
 FACTS = (
     Fact("capital_france", "capital_of", "France", "Paris", ("The capital of France is", "France's capital is")),

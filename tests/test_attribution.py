@@ -8,9 +8,9 @@ import pytest
 import torch
 from captum.attr import IntegratedGradients
 
-from errors import UserError
+from common.errors import UserError
+from common.tokens import encode
 from knowledge_neurons import IG_METHODS, KnowledgeNeurons, coarse_neurons, quadrature, refined_neurons
-from tokens import encode
 
 PROMPT = "The longest river in China is the"
 ANSWER = "Yangtze"  # several tokens with the tiny tokenizer: exercises teacher forcing

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from analysis import FactCache, Options, find_knowledge_neurons
+from analysis.stage import FactCache, Options, find_knowledge_neurons
 from facts import Fact
 from knowledge_neurons import KnowledgeNeurons
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from demo_models import demo_architecture
 from facts import FACTS, relations
 from main import build_parser, main, model_names
+from models.demo import demo_architecture
 
 # two relations x two facts keep the end-to-end runs short
 SUBSET = [f for facts in list(relations(FACTS).values())[:2] for f in facts[:2]]

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import demo_models as dm
-from errors import UserError
+from common.errors import UserError
+from common.tokens import subject_positions
 from facts import FACTS, facts_hash
 from models import adapter_for, load_model
-from tokens import subject_positions
+from models import demo as dm
 
 
 class _NoTraining(Exception):
@@ -76,7 +76,7 @@ def test_demo_accuracy_can_fail(demo_models):
 def test_second_call_reuses_the_cache_without_training(demo_models, monkeypatch, caplog):
     monkeypatch.setattr(dm, "_train", _no_training)
     cache = demo_models["gpt2"].parent
-    with caplog.at_level(logging.INFO, logger="demo_models"):
+    with caplog.at_level(logging.INFO, logger="models.demo"):
         again = dm.ensure_demo_models(FACTS, cache_dir=cache, progress=False)
     assert again == demo_models
     assert sum("reusing cached demo model" in r.getMessage() for r in caplog.records) == len(dm.DEFAULT_ARCHS)
@@ -110,7 +110,7 @@ def test_concurrent_runs_build_each_model_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(dm, "_build", build)
     handler = Waiting()
     dm.log.addHandler(handler)
-    caplog.set_level(logging.INFO, logger="demo_models")
+    caplog.set_level(logging.INFO, logger="models.demo")
     results: dict[int, dict] = {}
     errors: list[BaseException] = []
 
@@ -222,7 +222,7 @@ def test_training_data_matches_the_analysis_tokenization(demo_models):
     _, tokenizer = load_model(str(demo_models["gpt2"]))
     inputs, targets, weights, mask = dm._batch(tokenizer, FACTS, answer_weight=1.0, context_weight=0.1)
     assert inputs.shape[0] == sum(len(f.prompts) for f in FACTS)
-    from tokens import encode
+    from common.tokens import encode
 
     fact = FACTS[0]
     prompt_ids, answer_ids = encode(tokenizer, fact.prompts[0], fact.answer)

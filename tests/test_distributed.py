@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import distributed
-from analysis import ModelResult, Options
-from errors import UserError
+from analysis.stage import ModelResult, Options
+from common.errors import UserError
+from common.tokens import encode
 from facts import FACTS, relations
 from main import main
-from tokens import encode
+from run import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET = [f for facts in list(relations(FACTS).values())[:2] for f in facts[:2]]

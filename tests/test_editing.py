@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import FactCache, Options, find_knowledge_neurons
-from editing import EditOptions, erase, new_answers, relation_neurons, restored, update
-from editing_eval import Probe, Scored, fact_probe, perplexity, perplexity_ratio, run_editing, score
-from errors import UserError
+from analysis.interventions import edited_answer_probability
+from analysis.stage import FactCache, Options, find_knowledge_neurons
+from common.errors import UserError
+from editing.edits import EditOptions, erase, new_answers, relation_neurons, restored, update
+from editing.evaluation import Probe, Scored, fact_probe, perplexity, perplexity_ratio, run_editing, score
 from facts import FACTS, Fact, relations
-from interventions import edited_answer_probability
 from knowledge_neurons import KnowledgeNeurons
 from main import main
 from models import adapter_for, load_model
-from neutral_text import SENTENCES
+from sources.neutral_text import SENTENCES
 
 # two relations x two facts: enough for same- vs other-relation effects, small enough to be quick
 SUBSET = [f for facts in list(relations(FACTS).values())[:2] for f in facts[:2]]

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from errors import UserError
+from common.errors import UserError
 from facts import FACTS, Fact, facts_hash, load_facts, relations, validate_facts
 
 GOOD = {"id": "capital_france", "relation": "capital_of", "subject": "France", "answer": "Paris",

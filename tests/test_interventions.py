@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import Options, find_knowledge_neurons
+from analysis.interventions import edited_answer_probability, random_controls, run_interventions
+from analysis.stage import Options, find_knowledge_neurons
+from common.tokens import encode
 from facts import FACTS
-from interventions import edited_answer_probability, random_controls, run_interventions
 from knowledge_neurons import KnowledgeNeurons
 from models import load_model
-from tokens import encode
 
 
 @pytest.fixture(scope="module", params=["gpt2", "mamba"])
@@ -89,8 +89,8 @@ def test_random_controls_match_layers_and_avoid_the_neurons():
 def test_summary_gives_the_standard_error_over_facts():
     from statistics import mean, stdev
 
+    from analysis.interventions import summarise
     from facts import Fact
-    from interventions import summarise
 
     facts = [Fact(f"f{k}", "r", "S", "A", ("S is",)) for k in range(4)]
     refined = {"f0": [(0, 1, 1.0)], "f1": [(0, 2, 1.0)], "f2": [(1, 0, 1.0)], "f3": []}

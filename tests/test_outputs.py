@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from outputs import atomic_write, table, write_json
+from common.outputs import atomic_write, table, write_json
 
 
 def test_json_has_no_nan_and_plain_types(tmp_path):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from errors import UserError
+from common.errors import UserError
 from facts import FACTS, Fact, relations, select_facts, validate_facts
 from main import build_parser, load_facts_option, main
-from pararel import load_pararel, template
+from sources.pararel import load_pararel, template
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pararel"
 DATA = FIXTURE / "data"
@@ -51,7 +51,7 @@ def test_pattern_rules(pattern, expected):
 # the reader
 
 def test_reads_the_fixture_with_every_skip_rule(caplog):
-    with caplog.at_level(logging.INFO, logger="pararel"):
+    with caplog.at_level(logging.INFO, logger="sources.pararel"):
         facts = load_pararel(FIXTURE)
     validate_facts(facts)
     assert [f.relation for f in facts] == ["P19"] * 3 + ["P36"] * 5  # relations by number, facts in file order

@@ -7,10 +7,10 @@ import json
 import pytest
 from transformers import GPT2Config, MambaConfig
 
-import pipeline
 from facts import FACTS
 from main import main
 from models import GPT2Adapter, MambaAdapter
+from run import pipeline
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import findings
-from analysis import FactResult, ModelResult, Options
-from demo_models import INFO_FILE
+from analysis.stage import FactResult, ModelResult, Options
 from facts import Fact
-from report import demo_caveat
+from models.demo import INFO_FILE
+from report import findings
+from report.markdown import demo_caveat
 
 
 @pytest.mark.parametrize(("p", "n", "text"), [

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_mamba2_config
 from transformers import Mamba2ForCausalLM
 
-from errors import UserError
+from common.errors import UserError
 from models import MambaAdapter, adapter_for
 from models.mamba import _DecayedReadout
 

@@ -8,7 +8,7 @@ from itertools import product
 import numpy as np
 import pytest
 
-from statistics_kn import (
+from analysis.overlap import (
     bootstrap_ci,
     fact_pairs,
     jaccard,

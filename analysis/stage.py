@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from errors import UserError
+from analysis.overlap import neurons_per_layer, overlap_statistics
+from common.errors import UserError
+from common.outputs import atomic_write, table, versions, write_json, write_npz
 from facts import Fact
 from knowledge_neurons import IG_METHODS, KnowledgeNeurons, Neuron, coarse_neurons, refined_neurons
-from outputs import atomic_write, table, versions, write_json, write_npz
-from statistics_kn import neurons_per_layer, overlap_statistics
 
 log = logging.getLogger(__name__)
 

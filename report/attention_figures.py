@@ -14,9 +14,9 @@ from matplotlib.patches import Rectangle
 from torch import nn
 
 from attention_neurons import GROUPS, mean_abs_hidden_attention
-from errors import UserError
-from figures import new_figure, save
-from tokens import encode_prompt, subject_positions
+from common.errors import UserError
+from common.tokens import encode_prompt, subject_positions
+from report.figures import new_figure, save
 
 STYLES = {"subject": ("tab:red", "o"), "last": ("tab:blue", "s"), "other": ("tab:gray", "^")}  # color, marker
 VISIBLE = {" ": "␣", "\n": "\\n", "\t": "\\t", "\r": "\\r"}  # whitespace as it is drawn in token labels

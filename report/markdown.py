@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import findings
-from analysis import ModelResult, knowledge_tables
-from demo_models import is_demo_model
-from figures import CONTROLS, ERROR_BARS
-from outputs import table
+from analysis.stage import ModelResult, knowledge_tables
+from common.outputs import table
+from models.demo import is_demo_model
+from report import findings
+from report.figures import CONTROLS, ERROR_BARS
 
 LABELS = {"gpt2": "GPT-2", "mamba": "Mamba"}
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from errors import UserError
+from common.errors import UserError
+from common.tokens import encode
 from facts import Fact
 from knowledge_neurons import Neuron
 from models import Adapter
-from tokens import encode
 
 RULES = ("dai", "eleuther")
 Slot = tuple[int, int]  # (layer, neuron index)

@@ -35,12 +35,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from analysis import ModelResult, model_fingerprint
-from errors import UserError
+from analysis.stage import ModelResult, model_fingerprint
+from common.errors import UserError
+from common.tokens import continuation
 from facts import Fact, facts_hash
 from knowledge_neurons import KnowledgeNeurons
 from models import resolve_device
-from tokens import continuation
 
 log = logging.getLogger(__name__)
 

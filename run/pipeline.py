@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-import distributed
-from analysis import (
+from analysis.interventions import run_interventions
+from analysis.overlap import bootstrap_ci, permutation_test
+from analysis.stage import (
     ModelResult,
     Options,
     baseline_activations,
@@ -18,18 +19,17 @@ from analysis import (
     knowledge_tables,
     write_knowledge,
 )
-from attention_figures import plot_hidden_attention, plot_subject_flow
 from attention_neurons import mamba_attention_analysis, subject_mixing
-from editing_stage import editing_report, editing_stage, editing_table
-from errors import UserError
+from common.errors import UserError
+from common.outputs import versions, write_json, write_text
+from editing.stage import editing_report, editing_stage, editing_table
 from facts import Fact
-from figures import plot_interventions, plot_jaccard_matrix, plot_layer_distribution
-from interventions import run_interventions
 from knowledge_neurons import KnowledgeNeurons
 from models import ADAPTERS, SSMAdapter, load_config, load_model
-from outputs import versions, write_json, write_text
-from report import LABELS, attention_table, comprehensive_report, demo_caveat, interventions_table
-from statistics_kn import bootstrap_ci, permutation_test
+from report.attention_figures import plot_hidden_attention, plot_subject_flow
+from report.figures import plot_interventions, plot_jaccard_matrix, plot_layer_distribution
+from report.markdown import LABELS, attention_table, comprehensive_report, demo_caveat, interventions_table
+from run import distributed
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from errors import UserError
+from common.errors import UserError
+from common.tokens import encode, encode_prompt
 from facts import Fact
 from models import ADAPTERS, load_config, load_tokenizer, resolve_device
-from tokens import encode, encode_prompt
 
 
 def check_out_dir(out: str | Path) -> Path:
@@ -35,7 +35,7 @@ def check_out_dir(out: str | Path) -> Path:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Options, device and output folder."""
-    from pipeline import options_from  # builds (and so checks) the analysis options
+    from run.pipeline import options_from  # builds (and so checks) the analysis options
 
     options_from(args)
     resolve_device(args.device)

@@ -36,10 +36,10 @@ from tokenizers import ByteLevelBPETokenizer
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from errors import UserError
+from common.errors import UserError
+from common.tokens import continuation, encode
 from facts import FACTS, Fact, facts_hash
 from models import load_model, quiet_kernel_advice
-from tokens import continuation, encode
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from analysis import ModelResult
-from statistics_kn import jaccard
+from analysis.overlap import jaccard
+from analysis.stage import ModelResult
 
 
 def new_figure(width: float, height: float) -> Figure:

@@ -19,7 +19,7 @@ import logging
 import re
 from pathlib import Path
 
-from errors import UserError
+from common.errors import UserError
 from facts import Fact, read_jsonl, validate_facts
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from common.tokens import encode
 from knowledge_neurons import KnowledgeNeurons, Neuron
-from tokens import encode
 
 FACTORS = {"suppress": 0.0, "amplify": 2.0}
 DEFINITION = {

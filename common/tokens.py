@@ -7,7 +7,7 @@ answer are tokenized separately so that the prompt's tokens end exactly where th
 
 from __future__ import annotations
 
-from errors import UserError
+from common.errors import UserError
 
 
 def continuation(prompt: str, answer: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis import ModelResult
+from analysis.stage import ModelResult
 
 SIGNIFICANCE = 0.05  # the level at which a permutation-test p-value is called significant in the text
 

@@ -1,9 +1,9 @@
-"""Measuring knowledge edits (editing.py) against random-slot controls: every fact updated, every relation erased.
+"""Measuring knowledge edits (editing/edits.py) against random-slot controls: every fact updated, every relation erased.
 
 Every measurement scores token sequences (`Probe`) in batched, right-padded forward passes (`score`): a causal
 model ignores what follows a position, so right padding changes nothing that is read. `Bench` holds what each
 edit is measured on: every prompt of every fact followed by its answer, and the neutral text set
-(neutral_text.py). The metrics are defined in `DEFINITION`, which the output file carries.
+(sources/neutral_text.py). The metrics are defined in `DEFINITION`, which the output file carries.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from analysis import ModelResult
-from editing import EditOptions, Slot, erase, first_token, new_answers, relation_neurons, restored, update
+from analysis.interventions import random_controls
+from analysis.stage import ModelResult
+from common.tokens import encode
+from editing.edits import EditOptions, Slot, erase, first_token, new_answers, relation_neurons, restored, update
 from facts import Fact, relations
-from interventions import random_controls
 from knowledge_neurons import KnowledgeNeurons, Neuron, refined_neurons
-from neutral_text import SENTENCES
-from tokens import encode
+from sources.neutral_text import SENTENCES
 
 
 @dataclass
@@ -118,7 +118,7 @@ DEFINITION = {
     "neurons found from the first half only (same threshold and share; at least 2 prompts)",
     "locality": "share of the other facts' prompts whose top-1 prediction at the answer position is unchanged "
     "(all other facts; same_relation / other_relations split them)",
-    "perplexity_ratio": "exp(mean NLL per token) after / before on the neutral text set (neutral_text.py); "
+    "perplexity_ratio": "exp(mean NLL per token) after / before on the neutral text set (sources/neutral_text.py); "
     "perplexity_ratio_other_facts: the same over the other facts' answer tokens under teacher forcing",
     "p_new_answer": "mean over the fact's prompts of P(all new-answer tokens) under teacher forcing",
     "erase": "zero the value slots of the erase_top refined neurons that occur in most of the relation's facts",

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from demo_models import INFO_FILE
-from editing import EditOptions, first_token, restored, update
-from editing_eval import ERASE_KEYS, UPDATE_KEYS, run_editing
-from errors import UserError
-from figures import new_figure, save
-from outputs import table, versions, write_json, write_text
-from report import LABELS
+from common.errors import UserError
+from common.outputs import table, versions, write_json, write_text
+from editing.edits import EditOptions, first_token, restored, update
+from editing.evaluation import ERASE_KEYS, UPDATE_KEYS, run_editing
+from models.demo import INFO_FILE
+from report.figures import new_figure, save
+from report.markdown import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def edit_options_from(args: argparse.Namespace) -> EditOptions:
 
 
 def is_demo_model(name: str) -> bool:
-    """A model folder written by demo_models.py (it holds demo_info.json)."""
+    """A model folder written by models/demo.py (it holds demo_info.json)."""
     return (Path(name) / INFO_FILE).is_file()
 
 
