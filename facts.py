@@ -156,11 +156,20 @@ def _problem(fact: Fact) -> str | None:
             return f"prompt {k} {prompt!r} ends in whitespace (the space before the answer is added)"
         if fact.subject not in prompt:
             return f"subject {fact.subject!r} does not appear in prompt {k} {prompt!r}"
-        if fact.answer in prompt:
-            return f"prompt {k} {prompt!r} already contains the answer {fact.answer!r}"
+        if answer_in_prompt(prompt, fact.subject, fact.answer):
+            return f"prompt {k} {prompt!r} already contains the answer {fact.answer!r} (outside the subject, or " \
+                   "as a word of it)"
         if prompt in fact.prompts[: k - 1]:
             return f"prompt {k} {prompt!r} repeats an earlier prompt"
     return None
+
+
+def answer_in_prompt(prompt: str, subject: str, answer: str) -> bool:
+    """Whether the prompt gives the answer away: it holds the answer outside the subject, or as a whole word
+    (e.g. Cora Vale -> Vale). An answer inside a word of the subject (Germany -> German) does not count."""
+    if answer in prompt.replace(subject, "\0"):
+        return True
+    return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", prompt) is not None
 
 
 def _check(fact: Fact, where: str, seen: dict[str, str]) -> None:

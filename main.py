@@ -21,7 +21,7 @@ from editing.edits import RULES, EditOptions
 from facts import FACTS, Fact, load_facts, select_facts
 from knowledge_neurons import IG_METHODS
 from run import distributed
-from sources.pararel import load_pararel
+from sources.pararel import read_pararel
 
 log = logging.getLogger("knowledge_neurons")
 
@@ -140,7 +140,7 @@ def model_names(args: argparse.Namespace, facts) -> tuple[dict[str, str], dict[s
     demo models > the hub defaults. With --models: the models given, any supported architecture; under --demo, a
     name that is an architecture or a known hub name stands for that architecture's demo model.
     """
-    if args.models:
+    if args.models is not None:  # an empty --models "" is an error (parse_models), not the default pair
         if args.gpt2_model or args.mamba_model:
             raise UserError("--models replaces --gpt2-model / --mamba-model: name those models in --models")
         names, roles = parse_models(args.models), {}
@@ -150,12 +150,12 @@ def model_names(args: argparse.Namespace, facts) -> tuple[dict[str, str], dict[s
         from models.demo import demo_architecture, ensure_demo_models
 
         wanted = {label: demo_architecture(name) for label, name in names.items()}
-        if not args.models:  # explicit --gpt2-model / --mamba-model keep their own model
+        if args.models is None:  # explicit --gpt2-model / --mamba-model keep their own model
             wanted = {label: arch for label, arch in wanted.items() if not getattr(args, f"{label}_model")}
         folders = ensure_demo_models(facts, args.demo_cache, progress=not args.quiet,
                                      archs=list(dict.fromkeys(a for a in wanted.values() if a)))
         names.update({label: str(folders[arch]) for label, arch in wanted.items() if arch})
-    if not args.models:
+    if args.models is None:
         names.update({k: v for k, v in (("gpt2", args.gpt2_model), ("mamba", args.mamba_model)) if v})
     return names, roles
 
@@ -165,24 +165,41 @@ def load_facts_option(args: argparse.Namespace) -> list[Fact]:
     if not args.facts:
         facts = list(FACTS)
     elif Path(args.facts).is_dir():
-        facts = load_pararel(args.facts)
+        facts, args.dropped_relations = read_pararel(args.facts)  # stored in the output JSON
     else:
         facts = load_facts(args.facts)
     relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations is not None else None
     return select_facts(facts, relations, args.max_facts_per_relation, args.max_prompts_per_fact, args.seed)
 
 
-def run(args: argparse.Namespace) -> None:
-    from report.markdown import demo_caveat
-    from run import pipeline, preflight
+def prepare(args: argparse.Namespace) -> tuple[list[Fact], dict[str, str]]:
+    """The up-front checks, the facts and the models (label -> name or folder, demo models built)."""
+    from run import preflight
 
-    preflight.check_arguments(args)
+    args.warnings = preflight.check_arguments(args, vars(build_parser().parse_args([])))
     distributed.init(args.device)  # under torchrun: join the other ranks
     torch.manual_seed(args.seed)
     facts = load_facts_option(args)
+    if args.demo and args.models is not None:  # the architectures are known before the demo models are built
+        from models.demo import demo_architecture
+
+        preflight.check_mode(args.mode, {k: demo_architecture(v) for k, v in parse_models(args.models).items()})
     with distributed.local_rank_zero_first():  # --demo builds its models once per host
         names, roles = model_names(args, facts)
-    preflight.check_models(names, facts, args.baseline_prompt, roles)
+    preflight.check_models(names, facts, args.baseline_prompt, roles, args)
+    return facts, names
+
+
+def run(args: argparse.Namespace) -> None:
+    from report.markdown import demo_caveat
+    from run import pipeline
+
+    try:
+        facts, names = prepare(args)
+    except distributed.RankFailed:
+        raise
+    except UserError as exc:  # the same input on every rank: under torchrun, rank 0 alone prints it
+        raise distributed.SameOnEveryRank(str(exc)) from None
     caveat = demo_caveat(names)
     if caveat:
         log.info("note: %s; the results show the method at work, not what the real models know", caveat)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import UserError
 from common.outputs import table, versions, write_json, write_text
 from editing.edits import EditOptions, first_token, restored, update
 from editing.evaluation import ERASE_KEYS, UPDATE_KEYS, run_editing
@@ -56,9 +55,14 @@ def is_demo_model(name: str) -> bool:
     return (Path(name) / INFO_FILE).is_file()
 
 
-def editing_stage(args: argparse.Namespace, done: Mapping, arguments: dict) -> Editing:
+def editing_stage(args: argparse.Namespace, done: Mapping, arguments: dict, notes: dict | None = None) -> Editing:
     """Edit every model of the knowledge stage (`done`: label -> pipeline.Analysed); writes
-    `<label>_knowledge_editing.json` per model and `figures/knowledge_editing.png` to --out."""
+    `<label>_knowledge_editing.json` per model and `figures/knowledge_editing.png` to --out. `notes`: the
+    preflight warnings (pipeline.notes), stored in each JSON.
+
+    With --save-edited, a model none of whose facts could be edited (no fact with knowledge neurons and a new
+    answer) is not saved: its JSON is written all the same, says why in `save_edited_skipped`, and a warning
+    says so."""
     options = edit_options_from(args)
     out = Path(args.out)
     docs, files = {}, {}
@@ -68,12 +72,15 @@ def editing_stage(args: argparse.Namespace, done: Mapping, arguments: dict) -> E
             "model": result.name, "label": label, "architecture": result.architecture,
             "demo_model": is_demo_model(result.name), "neuron_site": result.neuron_site,
             "options": {**dataclasses.asdict(result.options), "editing": dataclasses.asdict(options)},
-            "arguments": arguments, "seed": args.seed, "versions": versions(),
+            "arguments": arguments, **(notes or {}), "seed": args.seed, "versions": versions(),
             **run_editing(kn, result, options, progress=not args.quiet, label=_name(label)),
             "saved_edited_model": None,
         }
         if args.save_edited:
             doc["saved_edited_model"] = save_edited(kn, result, doc, options, Path(args.save_edited) / label)
+            if doc["saved_edited_model"] is None:
+                doc["save_edited_skipped"] = NOTHING_TO_SAVE
+                log.warning("warning: --save-edited: nothing saved for %s: %s", label, NOTHING_TO_SAVE)
         files[label] = f"{label}_knowledge_editing.json"
         write_json(out / files[label], doc)
         log.info("wrote %s", out / files[label])
@@ -88,13 +95,16 @@ def _name(label: str) -> str:
     return LABELS.get(label, label)
 
 
-def save_edited(kn, result, doc: dict, options: EditOptions, folder: Path) -> dict:
+NOTHING_TO_SAVE = "no fact could be edited (none has both knowledge neurons and a new answer)"
+
+
+def save_edited(kn, result, doc: dict, options: EditOptions, folder: Path) -> dict | None:
     """`save_pretrained` the model with the first edited fact updated through its knowledge neurons (the same
     edit the JSON reports), with its tokenizer and an edit_info.json saying what it holds. The loaded model
-    itself is restored afterwards."""
+    itself is restored afterwards. None (nothing saved) when no fact could be edited."""
     row = next((r for r in doc["update"]["per_fact"] if "skipped" not in r), None)
     if row is None:
-        raise UserError("--save-edited: no fact could be edited (none has knowledge neurons and a new answer)")
+        return None
     fact = next(r.fact for r in result.facts if r.fact.id == row["fact"])
     tok = kn.tokenizer
     slots = [tuple(s) for s in row["neurons"]]

@@ -55,6 +55,11 @@ class RankFailed(UserError):
     """A sharded stage failed on some rank; every rank raises it, rank 0 prints it."""
 
 
+class SameOnEveryRank(UserError):
+    """A mistake in the input (options, facts, models), found before any work: every rank finds it alike, so
+    rank 0 alone prints it."""
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -120,7 +125,7 @@ def error_line(exc: UserError) -> str | None:
     """What this process prints for `exc`: None on ranks other than 0 when every rank stopped on it."""
     if not enabled():
         return str(exc)
-    if isinstance(exc, RankFailed):
+    if isinstance(exc, (RankFailed, SameOnEveryRank)):
         return str(exc) if is_main() else None
     return f"rank {rank()}: {exc}"
 

@@ -34,9 +34,19 @@ from run import distributed
 log = logging.getLogger(__name__)
 
 
+NOT_OPTIONS = ("quiet", "warnings", "dropped_relations")  # attributes main.py adds to the parsed options
+
+
 def arguments(args: argparse.Namespace) -> dict:
     """The command-line options as given, stored in every output so each number traces back to them."""
-    return {k: v for k, v in vars(args).items() if k != "quiet"}
+    return {k: v for k, v in vars(args).items() if k not in NOT_OPTIONS}
+
+
+def notes(args: argparse.Namespace) -> dict:
+    """What the checks said about the input, stored beside the arguments in every output: `warnings` (options the
+    run ignores) and `dropped_relations` (ParaRel relations that gave no fact -> why)."""
+    return {"warnings": list(getattr(args, "warnings", [])),
+            "dropped_relations": dict(getattr(args, "dropped_relations", {}))}
 
 
 def options_from(args: argparse.Namespace) -> Options:
@@ -75,7 +85,8 @@ def knowledge_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
         result = distributed.shard_and_gather(attribute, kn, facts, progress=not args.quiet, label=display(label))
         if result is None:  # under torchrun, ranks other than 0 only attribute their share
             continue
-        doc = write_knowledge(result, tokenizer, out, f"{label}_knowledge_neurons", {"arguments": arguments(args)})
+        doc = write_knowledge(result, tokenizer, out, f"{label}_knowledge_neurons",
+                              {"arguments": arguments(args), **notes(args)})
         log.info("wrote %s", out / f"{label}_knowledge_neurons.json")
         done[label] = Analysed(result, kn, doc)
     return done
@@ -92,7 +103,7 @@ def run_edit(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, s
     done = knowledge_stage(args, facts, names)
     if not distributed.is_main():
         return
-    print(editing_table(editing_stage(args, done, arguments(args)).docs))
+    print(editing_table(editing_stage(args, done, arguments(args), notes(args)).docs))
 
 
 def _attention_figures(model, tokenizer, facts: Sequence[Fact], folder: Path, prefix: str, n_layers: int,
@@ -147,6 +158,7 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
         "gpt2_model": names[transformers_[0]] if transformers_ else None,
         "options": asdict(options),
         "arguments": arguments(args),
+        **notes(args),
         "seed": options.seed,
         "versions": versions(),
         "hidden_attention": models[ssm[0]]["hidden_attention"] if ssm else None,
@@ -201,7 +213,7 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
                                                progress=not args.quiet, label=display(label)),
             "statistics": relation_statistics(d.result, args),
         }
-    editing = editing_stage(args, done, arguments(args))
+    editing = editing_stage(args, done, arguments(args), notes(args))
     results = {display(label): d.result for label, d in done.items()}
     summaries = {display(label): m["interventions"]["summary"] for label, m in per_model.items()}
     figures = {
@@ -220,6 +232,7 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
         "options": {**asdict(done[main].result.options), "random_draws": args.random_draws,
                     "permutations": args.permutations, "bootstrap": args.bootstrap},
         "arguments": arguments(args),
+        **notes(args),
         "seed": args.seed,
         "versions": versions(),
         "knowledge_neurons": done[main].doc,

@@ -10,7 +10,11 @@ A causal LM reads left to right, so a pattern is usable only when [Y] ends it (t
 punctuation such as " ." are dropped) and a space comes before [Y]; [X] is filled with the subject and the
 prompt ends where the answer begins. Each relation's facts become `facts.Fact`s with relation = the
 relation id ("P36") and id = "p36_" + the fact's uuid (or its line number); a fact keeps the distinct prompts
-that do not already contain its answer and is skipped when fewer than 2 remain (refined neurons need 2).
+that do not give its answer away (`facts.answer_in_prompt`: the answer outside the subject or as a word of it;
+Germany -> German is kept) and is skipped when fewer than 2 remain (refined neurons need 2).
+
+A relation that ends with no fact (no usable pattern, no fact with 2 usable prompts, a pattern or fact file
+missing) is dropped with a warning; `read_pararel` returns the dropped relations with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import re
 from pathlib import Path
 
 from common.errors import UserError
-from facts import Fact, read_jsonl, validate_facts
+from facts import Fact, answer_in_prompt, read_jsonl, validate_facts
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +69,10 @@ def template(pattern: str) -> str | None:
     return before.rstrip()
 
 
-def _relation_facts(relation: str, templates: list[str], path: Path) -> tuple[list[Fact], int]:
-    """The usable facts of one relation and how many facts were skipped (< 2 usable prompts)."""
-    facts, skipped, seen = [], 0, {}
+def _relation_facts(relation: str, templates: list[str], path: Path) -> tuple[list[Fact], int, int]:
+    """The usable facts of one relation, how many facts were skipped (< 2 usable prompts) and how many prompts
+    were dropped because they give the answer away."""
+    facts, skipped, leaks, seen = [], 0, 0, {}
     for lineno, obj in read_jsonl(path):
         where = f"{path}:{lineno}"
         subject, answer = _text(obj, "sub_label", where), _text(obj, "obj_label", where)
@@ -78,12 +83,14 @@ def _relation_facts(relation: str, templates: list[str], path: Path) -> tuple[li
             raise UserError(f"{where}: fact id {fact_id!r} repeats line {seen[fact_id]} (uuids must be unique)")
         seen[fact_id] = lineno
         prompts = dict.fromkeys(t.replace("[X]", subject) for t in templates)  # distinct, in pattern order
-        prompts = tuple(p for p in prompts if answer not in p)
+        kept = tuple(p for p in prompts if not answer_in_prompt(p, subject, answer))
+        leaks += len(prompts) - len(kept)
+        prompts = kept
         if len(prompts) < MIN_PROMPTS:
             skipped += 1
             continue
         facts.append(Fact(fact_id, relation, subject, answer, prompts))
-    return facts, skipped
+    return facts, skipped, leaks
 
 
 def _relation_key(name: str) -> tuple:
@@ -94,6 +101,16 @@ def _relation_key(name: str) -> tuple:
 
 def load_pararel(path: str | Path) -> list[Fact]:
     """Facts of every relation that has both a pattern file and a fact file, relations in id order."""
+    return read_pararel(path)[0]
+
+
+def _dropped(reason: str, name: str, dropped: dict[str, str]) -> None:
+    dropped[name] = reason
+    log.warning("warning: ParaRel %s dropped: %s", name, reason)
+
+
+def read_pararel(path: str | Path) -> tuple[list[Fact], dict[str, str]]:
+    """(the facts of `load_pararel`, relation -> why it was dropped, for each relation that gave no fact)."""
     root = Path(path).expanduser()
     pattern_dir, fact_dir = _folders(root)
     pattern_files = {p.stem: p for p in pattern_dir.glob("*.jsonl")}
@@ -101,9 +118,9 @@ def load_pararel(path: str | Path) -> list[Fact]:
     names = sorted(pattern_files.keys() & fact_files.keys(), key=_relation_key)
     if not names:
         raise UserError(f"{root}: no relation has both {pattern_dir}/<relation>.jsonl and {fact_dir}/<relation>.jsonl")
-    unmatched = sorted(pattern_files.keys() ^ fact_files.keys(), key=_relation_key)
-    if unmatched:
-        log.info("ParaRel: skipping %s (pattern or fact file missing)", ", ".join(unmatched))
+    dropped: dict[str, str] = {}
+    for name in sorted(pattern_files.keys() ^ fact_files.keys(), key=_relation_key):
+        _dropped("no fact file" if name in pattern_files else "no pattern file", name, dropped)
     facts: list[Fact] = []
     for name in names:
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):
@@ -111,13 +128,22 @@ def load_pararel(path: str | Path) -> list[Fact]:
         file = pattern_files[name]
         patterns = [_text(obj, "pattern", f"{file}:{lineno}") for lineno, obj in read_jsonl(file)]
         templates = [t for p in patterns if (t := template(p)) is not None]
-        kept, skipped = _relation_facts(name, templates, fact_files[name])
-        log.info("ParaRel %s: %d of %d patterns usable; %d facts, %d skipped (fewer than %d usable prompts)",
-                 name, len(templates), len(patterns), len(kept), skipped, MIN_PROMPTS)
+        kept, skipped, leaks = _relation_facts(name, templates, fact_files[name])
+        log.info("ParaRel %s: %d of %d patterns usable; %d facts, %d skipped (fewer than %d usable prompts); "
+                 "%d prompts dropped as they give the answer away", name, len(templates), len(patterns), len(kept),
+                 skipped, MIN_PROMPTS, leaks)
+        if not patterns:
+            _dropped(f"{file} holds no pattern", name, dropped)
+        elif not templates:
+            _dropped(f"none of its {len(patterns)} patterns is usable ([Y] must end the pattern, after a space, "
+                     "with [X] before it)", name, dropped)
+        elif not kept:
+            _dropped(f"none of its {skipped} facts has {MIN_PROMPTS} usable prompts ({len(templates)} usable "
+                     f"patterns; {leaks} prompts give the answer away)", name, dropped)
         facts.extend(kept)
     if not facts:
         raise UserError(f"{root}: no ParaRel fact has {MIN_PROMPTS} usable prompts")
     validate_facts(facts, source=str(root))
     log.info("ParaRel: %d facts in %d relations, %d prompts", len(facts), len({f.relation for f in facts}),
              sum(len(f.prompts) for f in facts))
-    return facts
+    return facts, dropped

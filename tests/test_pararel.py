@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from common.errors import UserError
-from facts import FACTS, Fact, relations, select_facts, validate_facts
+from facts import FACTS, Fact, answer_in_prompt, relations, select_facts, validate_facts
 from main import build_parser, load_facts_option, main
-from sources.pararel import load_pararel, template
+from sources.pararel import load_pararel, read_pararel, template
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pararel"
 DATA = FIXTURE / "data"
@@ -54,7 +54,7 @@ def test_reads_the_fixture_with_every_skip_rule(caplog):
     with caplog.at_level(logging.INFO, logger="sources.pararel"):
         facts = load_pararel(FIXTURE)
     validate_facts(facts)
-    assert [f.relation for f in facts] == ["P19"] * 3 + ["P36"] * 5  # relations by number, facts in file order
+    assert [f.relation for f in facts] == ["P19"] * 3 + ["P36"] * 6  # relations by number, facts in file order
     by_id = _by_id(facts)
     freedonia = by_id["p36_3f5a9c1e_0b7d_4c2a_9e11_5d6f7a8b9c01"]
     assert freedonia.subject == "Freedonia" and freedonia.answer == "Fredville"
@@ -70,13 +70,16 @@ def test_reads_the_fixture_with_every_skip_rule(caplog):
                             "Aldo Fenwick , raised in Kent , is a native of")
     assert by_id["p19_6a1d7b2f_3e4c_4d5b_9c6f_7a8b9c0d1e12"].prompts == ("Bea Tarrant was born in",
                                                                         "The hometown of Bea Tarrant is")
-    # the answer inside the subject (Sylvania / Sylvan, Cora Vale / Vale): no usable prompt, skipped
-    assert {"Sylvania", "Cora Vale"}.isdisjoint(f.subject for f in facts)
-    assert "ParaRel P36: 4 of 6 patterns usable; 5 facts, 1 skipped" in caplog.text
-    assert "ParaRel P19: 4 of 7 patterns usable; 3 facts, 1 skipped" in caplog.text
+    # the answer as a word of the subject (Cora Vale / Vale) gives it away: no usable prompt, skipped; inside a
+    # word of the subject (Sylvania / Sylvan, as Germany / German) it does not: the fact is kept
+    assert "Cora Vale" not in {f.subject for f in facts}
+    assert _by_id(facts)["p36_a9c8e7f6_5d4c_4b3a_9f8e_7d6c5b4a3f04"].prompts[0] == "The capital of Sylvania is"
+    assert "ParaRel P36: 4 of 6 patterns usable; 6 facts, 0 skipped" in caplog.text
+    assert "ParaRel P19: 4 of 7 patterns usable; 3 facts, 1 skipped (fewer than 2 usable prompts); 4 prompts " \
+           "dropped as they give the answer away" in caplog.text  # Cora Vale's 3, the "raised in Kent" one
     assert "ParaRel P101: 0 of 2 patterns usable; 0 facts, 2 skipped" in caplog.text
-    assert "skipping P20, P27" in caplog.text
-    assert "8 facts in 2 relations, 28 prompts" in caplog.text
+    assert "ParaRel P20 dropped: no fact file" in caplog.text and "ParaRel P27 dropped: no pattern file" in caplog.text
+    assert "9 facts in 2 relations, 32 prompts" in caplog.text
 
 
 def test_three_layouts_give_the_same_facts(tmp_path):
@@ -127,7 +130,7 @@ def test_facts_option_dispatches_on_folder_or_file(tmp_path):
     args = build_parser().parse_args(["knowledge", "--facts", str(FIXTURE), "--relations", "P36",
                                       "--max-prompts-per-fact", "2"])
     facts = load_facts_option(args)
-    assert {f.relation for f in facts} == {"P36"} and len(facts) == 5
+    assert {f.relation for f in facts} == {"P36"} and len(facts) == 6
     assert all(len(f.prompts) == 2 for f in facts)
     with pytest.raises(UserError, match="no such file"):
         load_facts_option(build_parser().parse_args(["--facts", str(tmp_path / "none.jsonl")]))
@@ -193,3 +196,40 @@ def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
     with pytest.raises(UserError, match="not valid UTF-8") as info:
         load_pararel(data)
     assert f"{path}:{n_lines + 1}:" in str(info.value)
+
+
+# -----------------------------------------------------------------------------
+# dropped relations and skipped facts (issue 18, cases 10 and 11)
+
+def test_a_dropped_relation_is_a_warning_with_its_reason(tmp_path, caplog):
+    data = _copy(tmp_path)
+    (data / "pattern_data" / "graphs_json" / "P27.jsonl").write_text("")  # P27 now has an empty pattern file
+    with caplog.at_level(logging.WARNING):
+        facts, dropped = read_pararel(data)
+    assert dropped == {
+        "P20": "no fact file",
+        "P27": f"{data / 'pattern_data' / 'graphs_json' / 'P27.jsonl'} holds no pattern",
+        "P101": "none of its 2 patterns is usable ([Y] must end the pattern, after a space, with [X] before it)",
+    }
+    assert {r.levelname for r in caplog.records} == {"WARNING"}  # -q shows them
+    for relation, reason in dropped.items():
+        assert f"ParaRel {relation} dropped: {reason}" in caplog.text
+    assert {f.relation for f in facts} == {"P19", "P36"}
+
+
+def test_dropped_relations_are_recorded_in_the_json(tiny_gpt2, tiny_mamba, tmp_path, monkeypatch):
+    from run import pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_knowledge", lambda args, *_: seen.append(pipeline.notes(args)))
+    assert main(["knowledge", "--facts", str(FIXTURE), "--gpt2-model", tiny_gpt2[0].config._name_or_path,
+                 "--mamba-model", tiny_mamba[0].config._name_or_path, "--out", str(tmp_path), "-q"]) == 0
+    assert set(seen[0]["dropped_relations"]) == {"P20", "P27", "P101"}
+
+
+def test_answer_in_a_word_of_the_subject_is_no_leak():
+    assert not answer_in_prompt("The language of Germany is", "Germany", "German")
+    assert answer_in_prompt("Cora Vale was born in", "Cora Vale", "Vale")  # a whole word of the subject
+    assert answer_in_prompt("Germany, where German is spoken, uses", "Germany", "German")  # outside the subject
+    validate_facts([Fact("de", "language", "Germany", "German", ("The language of Germany is",
+                                                                 "People in Germany speak"))])
