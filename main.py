@@ -191,7 +191,6 @@ def prepare(args: argparse.Namespace) -> tuple[list[Fact], dict[str, str]]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from report.markdown import demo_caveat
     from run import pipeline
 
     try:
@@ -200,7 +199,7 @@ def run(args: argparse.Namespace) -> None:
         raise
     except UserError as exc:  # the same input on every rank: under torchrun, rank 0 alone prints it
         raise distributed.SameOnEveryRank(str(exc)) from None
-    caveat = demo_caveat(names)
+    caveat = pipeline.caveat_of(names)
     if caveat:
         log.info("note: %s; the results show the method at work, not what the real models know", caveat)
     getattr(pipeline, f"run_{args.mode}")(args, facts, names)

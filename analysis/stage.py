@@ -328,12 +328,21 @@ def _overlap(res: ModelResult, split: str, what: str) -> float | None:
     return res.overlap["all_layers"][split][what]["mean"]
 
 
+def _peak(res: ModelResult) -> float | str | None:
+    """The layer holding most knowledge neurons as a fraction of the depth; every one of them when layers tie."""
+    counts = np.asarray(res.layer_distribution)
+    if not counts.any():
+        return None
+    peaks = np.flatnonzero(counts == counts.max()) / max(1, res.n_layers - 1)
+    return float(peaks[0]) if len(peaks) == 1 else f"{', '.join(f'{p:.3g}' for p in peaks)} (tie)"
+
+
 _COMPARISON = [
     ("layers", lambda r: r.n_layers),
     ("neurons per layer", lambda r: r.width),
     ("mean refined KN per fact", lambda r: float(np.mean([len(v) for v in r.refined.values()]))),
     ("facts with >= 1 KN", lambda r: sum(bool(v) for v in r.refined.values())),
-    ("peak layer (fraction of depth)", lambda r: float(np.argmax(r.layer_distribution) / max(1, r.n_layers - 1))),
+    ("peak layer (fraction of depth)", lambda r: _peak(r)),
     ("intra-relation Jaccard", lambda r: _overlap(r, "intra", "jaccard")),
     ("inter-relation Jaccard", lambda r: _overlap(r, "inter", "jaccard")),
     ("intra-relation intersection", lambda r: _overlap(r, "intra", "intersection")),

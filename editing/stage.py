@@ -18,8 +18,7 @@ from common.outputs import table, versions, write_json, write_text
 from editing.edits import EditOptions, first_token, restored, update
 from editing.evaluation import ERASE_KEYS, UPDATE_KEYS, run_editing
 from models.demo import INFO_FILE
-from report.figures import new_figure, save
-from report.markdown import LABELS
+from report.figures import new_figure, save, title, value_labels
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ def editing_stage(args: argparse.Namespace, done: Mapping, arguments: dict, note
             "demo_model": is_demo_model(result.name), "neuron_site": result.neuron_site,
             "options": {**dataclasses.asdict(result.options), "editing": dataclasses.asdict(options)},
             "arguments": arguments, **(notes or {}), "seed": args.seed, "versions": versions(),
-            **run_editing(kn, result, options, progress=not args.quiet, label=_name(label)),
+            **run_editing(kn, result, options, progress=not args.quiet, label=label),
             "saved_edited_model": None,
         }
         if args.save_edited:
@@ -86,13 +85,8 @@ def editing_stage(args: argparse.Namespace, done: Mapping, arguments: dict, note
         log.info("wrote %s", out / files[label])
         docs[label] = doc
     demo = all(doc["demo_model"] for doc in docs.values())
-    figure = plot_editing({_name(k): doc["summary"] for k, doc in docs.items()}, out / "figures" /
-                          "knowledge_editing.png", demo)
+    figure = plot_editing(docs, out / "figures" / "knowledge_editing.png", demo)
     return Editing(docs, files, str(figure.relative_to(out)), demo)
-
-
-def _name(label: str) -> str:
-    return LABELS.get(label, label)
 
 
 NOTHING_TO_SAVE = "no fact could be edited (none has both knowledge neurons and a new answer)"
@@ -122,7 +116,7 @@ def save_edited(kn, result, doc: dict, options: EditOptions, folder: Path) -> di
 
 
 def _cells(docs: Mapping[str, dict]) -> list[tuple[str, str, str]]:
-    return [(label, c, f"{_name(label)} {'KN' if c == 'knowledge_neurons' else 'random'}")
+    return [(label, c, f"{label} {'KN' if c == 'knowledge_neurons' else 'random'}")
             for label in docs for c in ("knowledge_neurons", "random_neurons")]
 
 
@@ -131,7 +125,7 @@ def editing_table(docs: Mapping[str, dict]) -> str:
     cells = _cells(docs)
     rows = [[f"{op}: {metric}"] + [docs[label]["summary"][op][c][metric] for label, c, _ in cells]
             for op, keys in (("update", UPDATE_KEYS), ("erase", ERASE_KEYS)) for metric in keys]
-    counts = ", ".join(f"{_name(k)} {d['details']['facts_edited']}/{d['details']['facts']} facts updated, "
+    counts = ", ".join(f"{k} {d['details']['facts_edited']}/{d['details']['facts']} facts updated, "
                        f"{d['details']['relations_erased']}/{d['details']['relations']} relations erased"
                        for k, d in docs.items())
     rule = next(iter(docs.values()))["options"]["editing"]
@@ -139,29 +133,52 @@ def editing_table(docs: Mapping[str, dict]) -> str:
             "slots from the same layers)\n\n" + table(["metric", *(name for _, _, name in cells)], rows))
 
 
-def plot_editing(summaries: Mapping[str, dict], path: Path, demo: bool) -> Path:
-    """One panel per summary metric: knowledge neurons vs random slots, bars grouped by model."""
-    fig = new_figure(15, 7)
+def _rows(doc: dict, op: str) -> list[dict]:
+    """The edited facts (update) or erased relations (erase) of a model's editing JSON."""
+    rows = doc["update"]["per_fact"] if op == "update" else doc["erase"]["per_relation"]
+    return [r for r in rows if "skipped" not in r]
+
+
+def mean_sem(doc: dict, op: str, control: str, metric: str) -> tuple[float, float, int]:
+    """(mean, standard error of the mean, n) of a metric over the edited facts / erased relations; NaN where
+    undefined (the mean is the JSON summary's)."""
+    values = np.array([r[control][metric] for r in _rows(doc, op) if r[control][metric] is not None], dtype=float)
+    if not len(values):
+        return np.nan, np.nan, 0
+    sem = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.nan
+    return float(values.mean()), float(sem), len(values)
+
+
+def plot_editing(docs: Mapping[str, dict], path: Path, demo: bool) -> Path:
+    """One panel per summary metric: knowledge neurons vs random slots, bars grouped by model (label), with
+    ±1 standard error over facts (update) or relations (erase), n under each model and every bar's value."""
+    fig = new_figure(16, 8)
     axes = fig.subplots(2, 4).flatten()
-    x = np.arange(len(summaries))
-    for ax, (op, metric, title, ylabel, scale, ref) in zip(axes, METRICS, strict=False):
+    x = np.arange(len(docs))
+    for ax, (op, metric, heading, ylabel, scale, ref) in zip(axes, METRICS, strict=False):
+        counts = []
         for k, (control, name, color) in enumerate((("knowledge_neurons", "knowledge neurons", "tab:red"),
                                                     ("random_neurons", "random neurons", "tab:gray"))):
-            values = [s[op][control][metric] for s in summaries.values()]
-            ax.bar(x + (k - 0.5) * 0.38, [scale * v if v is not None else np.nan for v in values], 0.38,
-                   color=color, label=name)
+            cells = [mean_sem(doc, op, control, metric) for doc in docs.values()]
+            heights, errors = (np.array([scale * c[i] for c in cells]) for i in (0, 1))
+            where = x + (k - 0.5) * 0.38
+            ax.bar(where, heights, 0.38, yerr=errors, capsize=2, color=color, label=name)
+            value_labels(ax, where, heights, errors)
+            counts = counts or [c[2] for c in cells]
         if ref is not None:
             ax.axhline(ref, color="black", lw=0.8)
+            ax.margins(y=0.25)
         else:  # a share of prompts
-            ax.set_ylim(0, 1.05)
-        ax.set_xticks(x, list(summaries))
-        ax.set_xlabel("model")
+            ax.set_ylim(0, 1.3)
+        unit = "facts" if op == "update" else "relations"
+        ax.set_xticks(x, [f"{label}\nn = {n} {unit}" for label, n in zip(docs, counts, strict=True)], fontsize=8)
         ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=10)
-    axes[0].legend(fontsize=8)
+        ax.set_title(heading, fontsize=10)
+    axes[0].legend(fontsize=8, loc="upper left")
     axes[-1].axis("off")
-    fig.suptitle("Knowledge editing through knowledge neurons vs as many random neurons from the same layers"
-                 + (" (demo models)" if demo else ""))
+    title(fig, "Knowledge editing through knowledge neurons vs as many random neurons from the same layers"
+          + (" (demo models)" if demo else "") + "\nerror bars: ±1 standard error of the mean over the edited "
+          "facts (update) or erased relations (erase); n under each model")
     return save(fig, path)
 
 

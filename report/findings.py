@@ -40,12 +40,40 @@ def knowledge_neurons(label: str, result: ModelResult) -> str:
     if total == 0:
         return f"{label}: no fact has refined knowledge neurons at these thresholds."
     empty = sum(not v for v in result.refined.values())
-    peak = int(per_layer.argmax())
+    peaks = [int(k) for k in np.flatnonzero(per_layer == per_layer.max())]  # ties: every layer that holds the most
     upper = per_layer[result.n_layers // 2:].sum() / total
     none = {0: "every fact has some", 1: "1 fact has none"}.get(empty, f"{empty} facts have none")
+    share = pct(per_layer[peaks[0]] / total)
+    most = (f"Layer {peaks[0]} of 0-{result.n_layers - 1} holds the most ({share})" if len(peaks) == 1 else
+            f"Layers {', '.join(map(str, peaks[:-1]))} and {peaks[-1]} of 0-{result.n_layers - 1} hold the most, "
+            f"{int(per_layer[peaks[0]])} each ({share} each)")
     return (f"{label}: {total} knowledge neurons over {n_facts} facts ({num(total / n_facts)} per fact; {none}). "
-            f"Layer {peak} of 0-{result.n_layers - 1} holds the most ({pct(per_layer[peak] / total)}), and the upper "
-            f"half of the layers holds {pct(upper)}.")
+            f"{most}, and the upper half of the layers holds {pct(upper)}.")
+
+
+CONVERGED = 0.5  # a completeness delta above this share of the change of P it should equal: IG has not converged
+SMALL_CHANGE = 0.01  # changes of P below this are measured against it, so that a tiny change does not blow up
+
+
+def completeness(label: str, result: ModelResult) -> str | None:
+    """A warning when integrated gradients have not converged: the largest completeness delta (sum of a layer's
+    scores minus the change of P it should equal, P(y | a) - P(y | baseline)) is large against that change;
+    None when every delta is within `CONVERGED` of its change of P (or of `SMALL_CHANGE`)."""
+    worst, change, delta = 0.0, 0.0, 0.0
+    for r in result.facts:
+        d = r.delta.double().abs()  # (n_prompts, n_layers)
+        dp = (r.scores.double().sum(-1) - r.delta.double()).abs()  # (n_prompts, n_layers) |change of P|
+        ratio = d / dp.clamp(min=SMALL_CHANGE)
+        k = int(ratio.argmax())
+        if ratio.flatten()[k] > worst:
+            worst, change, delta = float(ratio.flatten()[k]), float(dp.flatten()[k]), float(d.flatten()[k])
+    if worst <= CONVERGED:
+        return None
+    steps = result.options.steps
+    return (f"{label}: integrated gradients have not converged at {steps} steps: a completeness delta of "
+            f"{num(delta)} against a change of P(answer) of {num(change)} (the sum of a layer's scores should equal "
+            f"that change; P itself moves by at most 1), so scores and neurons are unreliable; run again with more "
+            f"--steps (e.g. {max(20, 2 * steps)}).")
 
 
 def relations(label: str, stats: dict) -> str:
@@ -118,7 +146,8 @@ def attention(label: str, entry: dict) -> list[str]:
             peak = max((v, k) for k, v in enumerate(subject) if v is not None)
             lines.append(
                 f"{label}: its knowledge neurons take {pct(a['subject'])} of their |contributions| from subject "
-                f"tokens, {pct(a['last'])} from the last token and {pct(a['other'])} from the others "
+                f"tokens, {pct(a['last'])} from the last token (its own position, including the scan's skip term "
+                f"D·x, which is not attention) and {pct(a['other'])} from the others "
                 f"({overall['n']} neuron-prompt pairs); the subject share is largest in layer {peak[1]} "
                 f"({pct(peak[0])})."
             )

@@ -9,18 +9,20 @@ from analysis.stage import ModelResult, knowledge_tables
 from common.outputs import table
 from models.demo import is_demo_model
 from report import findings
-from report.figures import CONTROLS, ERROR_BARS
-
-LABELS = {"gpt2": "GPT-2", "mamba": "Mamba"}
+from report.figures import CONTROLS, ERROR_BARS, named
 
 
-def demo_caveat(names: Mapping[str, str]) -> str | None:
-    """One line for figures, report and console when any model is a demo model; None otherwise."""
-    demo = [LABELS.get(arch, arch) for arch, name in names.items() if is_demo_model(name)]
+def demo_caveat(names: Mapping[str, str], architectures: Mapping[str, str] | None = None) -> str | None:
+    """One line for figures, report and console when any model is a demo model; None otherwise. Models are named
+    by label, with their architecture (label -> config.model_type) where `architectures` gives it."""
+    architectures = architectures or {}
+    demo = [named(label, architectures[label]) if label in architectures else label
+            for label, name in names.items() if is_demo_model(name)]
     if not demo:
         return None
     what = "tiny demo models" if len(demo) > 1 else "a tiny demo model"
-    return f"{' and '.join(demo)}: {what} trained on these very facts, not the real checkpoint{'s' * (len(demo) > 1)}"
+    models = f"{', '.join(demo[:-1])} and {demo[-1]}" if len(demo) > 1 else demo[0]
+    return f"{models}: {what} trained on these very facts, not the real checkpoint{'s' * (len(demo) > 1)}"
 
 
 def interventions_table(summaries: dict[str, dict]) -> str:
@@ -46,10 +48,10 @@ def attention_table(doc: dict) -> str:
     models = doc["models"]
     headers, columns = ["layer"], []
     for label, entry in models.items():
-        headers.append(f"{LABELS.get(label, label)} mixing subj")
+        headers.append(f"{label} mixing subj")
         columns.append(entry["token_mixing"]["mean"]["subject"])
         if entry["hidden_attention"] is not None:
-            headers.append(f"{LABELS.get(label, label)} KN flow subj")
+            headers.append(f"{label} KN flow subj")
             columns.append([e["flow"]["absolute"]["subject"] for e in entry["hidden_attention"]["by_layer"]])
     depth = max(len(c) for c in columns)
     rows = [[layer, *(c[layer] if layer < len(c) else None for c in columns)] for layer in range(depth)]
@@ -94,12 +96,14 @@ def comprehensive_report(doc: dict, results: dict[str, ModelResult], per_model: 
     """
     o = doc["options"]
     figs = doc["files"]["figures"]
-    labels = {LABELS.get(a, a): m for a, m in per_model.items()}
+    labels = per_model
     summaries = {lab: m["interventions"]["summary"] for lab, m in labels.items()}
+    unconverged = [w for lab, r in results.items() if (w := findings.completeness(lab, r))]
     demo = [
         f"> **Demo models.** {caveat}. They are small enough to train here in seconds and were trained on exactly "
-        "the facts analysed below, so the numbers show that the method runs end to end and behaves sensibly; they "
-        "say nothing about what the real GPT-2 or Mamba know.",
+        "the facts analysed below, so the numbers show that the method runs end to end"
+        + ("" if unconverged else " and behaves sensibly") + "; they say nothing about what the real checkpoints "
+        "of these architectures know.",
         "",
     ] if caveat else []
     lines = [
@@ -111,11 +115,15 @@ def comprehensive_report(doc: dict, results: dict[str, ModelResult], per_model: 
         f"`{o['ig_method']}`, baseline `{o['baseline']}`; coarse threshold {o['threshold']} x max, refined share "
         f"{o['share']}; seed {doc['seed']}; torch {doc['versions']['torch']}, transformers "
         f"{doc['versions']['transformers']}. All numbers come from `mamba_comprehensive_analysis.json` and the "
-        "per-model JSON files beside this report; they are rounded to 3 significant digits here.",
+        "per-model JSON files beside this report; they are rounded to 3 significant digits here. (That file keeps "
+        "the name it had when the tool compared GPT-2 with Mamba alone, whatever the models; it centres on "
+        f"`{doc['label']}`, the first state-space model or else the first model, and holds the others under "
+        "`comparison`.)",
         "",
         "## Knowledge neurons",
         "",
         *_bullets([findings.knowledge_neurons(lab, r) for lab, r in results.items()]),
+        *_bullets([f"**Warning.** {w}" for w in unconverged]),
         "",
         f"![knowledge neurons per layer]({figs['layer_distribution']})",
         "",
@@ -127,7 +135,7 @@ def comprehensive_report(doc: dict, results: dict[str, ModelResult], per_model: 
         "",
         *[_stats_line(lab, m["statistics"]) for lab, m in labels.items()],
         "",
-        *[f"![Jaccard {LABELS.get(label, label)}]({figs[f'jaccard_{label}']})" for label in per_model],
+        *[f"![Jaccard {label}]({figs[f'jaccard_{label}']})" for label in per_model],
         "",
         "## Causal checks",
         "",
@@ -160,9 +168,9 @@ def _attention_section(attention: dict, figs: dict) -> list[str]:
         "is shown beside them.",
         "",
         *_bullets([line for label, entry in attention["models"].items()
-                   for line in findings.attention(LABELS.get(label, label), entry)]),
+                   for line in findings.attention(label, entry)]),
         "",
-        *[f"![subject flow {LABELS.get(label, label)}]({path})" for label, path in flows.items()],
+        *[f"![subject flow {label}]({path})" for label, path in flows.items()],
         "",
         _md_table(attention_table(attention)),
         "",

@@ -26,9 +26,10 @@ from editing.stage import editing_report, editing_stage, editing_table
 from facts import Fact
 from knowledge_neurons import KnowledgeNeurons
 from models import ADAPTERS, SSMAdapter, load_config, load_model
-from report.attention_figures import plot_hidden_attention, plot_subject_flow
-from report.figures import plot_interventions, plot_jaccard_matrix, plot_layer_distribution
-from report.markdown import LABELS, attention_table, comprehensive_report, demo_caveat, interventions_table
+from report.attention_figures import plot_hidden_attention, plot_subject_flow, units
+from report.figures import jaccard_scale, named, plot_interventions, plot_jaccard_matrix, plot_layer_distribution
+from report.findings import completeness
+from report.markdown import attention_table, comprehensive_report, demo_caveat, interventions_table
 from run import distributed
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,14 @@ class Analysed:
     doc: dict
 
 
-def display(label: str) -> str:
-    """The name tables and figures use for a model label ("gpt2" -> "GPT-2"; other labels as given)."""
-    return LABELS.get(label, label)
+def architectures(names: dict[str, str]) -> dict[str, str]:
+    """label -> config.model_type of each model (from its config, without the weights)."""
+    return {label: load_config(name).model_type for label, name in names.items()}
+
+
+def caveat_of(names: dict[str, str]) -> str | None:
+    """The demo caveat (report.markdown.demo_caveat), naming each demo model by label and architecture."""
+    return demo_caveat(names, architectures(names))
 
 
 def knowledge_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> dict[str, Analysed]:
@@ -81,13 +87,16 @@ def knowledge_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
         # from all facts: under torchrun, every rank alike
         baseline = baseline_activations(kn, facts, options, progress=not args.quiet and distributed.is_main())
         attribute = partial(find_knowledge_neurons, kn, options=options, model_name=name, baseline=baseline,
-                            cache_dir=out / ".kn_cache", resume=not args.fresh, label=display(label))
-        result = distributed.shard_and_gather(attribute, kn, facts, progress=not args.quiet, label=display(label))
+                            cache_dir=out / ".kn_cache", resume=not args.fresh, label=label)
+        result = distributed.shard_and_gather(attribute, kn, facts, progress=not args.quiet, label=label)
         if result is None:  # under torchrun, ranks other than 0 only attribute their share
             continue
         doc = write_knowledge(result, tokenizer, out, f"{label}_knowledge_neurons",
                               {"arguments": arguments(args), **notes(args)})
         log.info("wrote %s", out / f"{label}_knowledge_neurons.json")
+        unconverged = completeness(label, result)
+        if unconverged:
+            log.warning("warning: %s", unconverged)
         done[label] = Analysed(result, kn, doc)
     return done
 
@@ -96,7 +105,7 @@ def run_knowledge(args: argparse.Namespace, facts: Sequence[Fact], names: dict[s
     done = knowledge_stage(args, facts, names)
     if not distributed.is_main():
         return
-    print(knowledge_tables({display(label): d.result for label, d in done.items()}))
+    print(knowledge_tables({label: d.result for label, d in done.items()}))
 
 
 def run_edit(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
@@ -107,12 +116,13 @@ def run_edit(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, s
 
 
 def _attention_figures(model, tokenizer, facts: Sequence[Fact], folder: Path, prefix: str, n_layers: int,
-                       caveat: str | None) -> list[Path]:
-    """Unit-averaged hidden-attention maps of each fact's first prompt at four layers across the depth."""
+                       caveat: str | None, name: str) -> list[Path]:
+    """Unit-averaged hidden-attention maps of each fact's first prompt at four layers across the depth; `name`
+    titles them (label and architecture)."""
     layers = sorted({round(k * (n_layers - 1) / 3) for k in range(4)})
     return [
         plot_hidden_attention(model, tokenizer, f.prompts[0], layers, folder / f"{prefix}{f.id}.png",
-                              subject=f.subject, caveat=caveat)
+                              subject=f.subject, caveat=caveat, name=name)
         for f in facts
     ]
 
@@ -131,7 +141,7 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
     Writes mamba_analysis.json and the figures under <out>/figures; returns the JSON document. Its top-level
     `hidden_attention` / `gpt2_attention` are those of the first state-space model / first transformer.
     """
-    out, caveat = Path(args.out), demo_caveat(names)
+    out, caveat = Path(args.out), caveat_of(names)
     ssm = state_space_labels(names)
     models, maps, flows = {}, [], {}
     for label, name in names.items():
@@ -141,17 +151,21 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
         if label in ssm:
             entry["hidden_attention"] = mamba_attention_analysis(kn.model, kn.tokenizer, facts,
                                                                  done[label].result.refined, progress=not args.quiet,
-                                                                 label=display(label))
+                                                                 label=label)
             first = label == ssm[0]  # the first keeps the file names of the default pair
             maps += _attention_figures(kn.model, kn.tokenizer, facts, out / "figures",
                                        "hidden_attention_" if first else f"hidden_attention_{label}_", kn.n_layers,
-                                       caveat)
+                                       caveat, named(label, entry["architecture"]))
         models[label] = entry
     transformers_ = [label for label in names if label not in ssm]
     beside = models[transformers_[0]]["token_mixing"] if transformers_ else None
     for label in ssm:
         path = out / "figures" / ("subject_flow_by_layer.png" if label == ssm[0] else f"subject_flow_{label}.png")
-        flows[label] = plot_subject_flow(models[label]["hidden_attention"], path, beside, caveat)
+        flows[label] = plot_subject_flow(models[label]["hidden_attention"], path, beside, caveat,
+                                         name=named(label, models[label]["architecture"]),
+                                         unit=units(models[label]["architecture"]),
+                                         beside_name=named(transformers_[0], models[transformers_[0]]["architecture"])
+                                         if transformers_ else None)
     options = next(iter(done.values())).result.options
     doc = {
         "model": names[ssm[0]] if ssm else None,
@@ -201,7 +215,7 @@ def relation_statistics(result: ModelResult, args: argparse.Namespace) -> dict:
 
 def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
     out = Path(args.out)
-    caveat = demo_caveat(names)
+    caveat = caveat_of(names)
     done = knowledge_stage(args, facts, names)
     if not distributed.is_main():  # the later stages run on rank 0 alone
         return
@@ -210,18 +224,19 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
     for label, d in done.items():
         per_model[label] = {
             "interventions": run_interventions(d.kn, facts, d.result.refined, args.random_draws, args.seed,
-                                               progress=not args.quiet, label=display(label)),
+                                               progress=not args.quiet, label=label),
             "statistics": relation_statistics(d.result, args),
         }
     editing = editing_stage(args, done, arguments(args), notes(args))
-    results = {display(label): d.result for label, d in done.items()}
-    summaries = {display(label): m["interventions"]["summary"] for label, m in per_model.items()}
+    results = {label: d.result for label, d in done.items()}
+    summaries = {label: m["interventions"]["summary"] for label, m in per_model.items()}
+    scale = jaccard_scale(d.result for d in done.values())  # one colour scale for every model's Jaccard figure
     figures = {
         "layer_distribution": plot_layer_distribution(results, out / "figures" / "knowledge_neurons_per_layer.png",
                                                       caveat),
         "interventions": plot_interventions(summaries, out / "figures" / "interventions.png", caveat),
-        **{f"jaccard_{label}": plot_jaccard_matrix(d.result, display(label), out / "figures" / f"jaccard_{label}.png",
-                                                   caveat)
+        **{f"jaccard_{label}": plot_jaccard_matrix(d.result, label, out / "figures" / f"jaccard_{label}.png",
+                                                   caveat, vmax=scale)
            for label, d in done.items()},
     }
     main = next((label for label in (attention or {}).get("models", {}) if attention["models"][label][

@@ -30,9 +30,9 @@ def test_demo_caveat_names_the_demo_models(tmp_path):
     (demo / INFO_FILE).write_text("{}")
     assert demo_caveat({"gpt2": "gpt2", "mamba": str(tmp_path)}) is None
     assert demo_caveat({"gpt2": "gpt2", "mamba": str(demo)}) == \
-        "Mamba: a tiny demo model trained on these very facts, not the real checkpoint"
-    assert demo_caveat({"gpt2": str(demo), "mamba": str(demo)}) == \
-        "GPT-2 and Mamba: tiny demo models trained on these very facts, not the real checkpoints"
+        "mamba: a tiny demo model trained on these very facts, not the real checkpoint"  # the label as given
+    assert demo_caveat({"gpt2": str(demo), "mamba": str(demo)}, {"gpt2": "gpt2", "mamba": "mamba"}) == \
+        "gpt2 (GPT-2) and mamba (Mamba): tiny demo models trained on these very facts, not the real checkpoints"
 
 
 def _result(neurons: dict[str, list[tuple[int, int]]], p_answer: float) -> ModelResult:
