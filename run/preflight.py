@@ -111,14 +111,14 @@ def check_out_dir(out: str | Path, option: str = "--out") -> Path:
 
 def check_arguments(args: argparse.Namespace, defaults: Mapping[str, Any] | None = None) -> list[str]:
     """Option ranges, device and output folders; returns the warnings about ignored options (see
-    `ignored_options`; `defaults`: the parser's default of each option), each logged as a warning."""
+    `ignored_options`; `defaults`: the parser's default of each option; none without it), each logged."""
     from run.pipeline import options_from  # builds (and so checks) the analysis options
 
     check_ranges(args)
     options_from(args)
     resolve_device(args.device)
     check_out_dir(args.out)
-    notes = ignored_options(args, defaults or {})
+    notes = ignored_options(args, defaults) if defaults is not None else []
     if args.save_edited and args.mode in EDITING:
         check_out_dir(args.save_edited, "--save-edited")
     for note in notes:
