@@ -24,26 +24,6 @@ class KV:
     valid: Tensor
     position: Tensor
 
-    @staticmethod
-    def of(k: Tensor, v: Tensor) -> KV:
-        """One prompt's keys and values (T-1, heads, head_dim) each -> a KV with P = 1."""
-        valid = torch.ones(1, k.shape[0], dtype=torch.bool, device=k.device)
-        position = torch.full((1,), k.shape[0], dtype=torch.long, device=k.device)
-        return KV(k.transpose(0, 1)[None], v.transpose(0, 1)[None], valid, position)
-
-    @staticmethod
-    def stack(states: list[KV]) -> KV:
-        """Several prompts' KVs padded (at the end) to the longest prefix."""
-        longest = max(s.k.shape[2] for s in states)
-
-        def pad(t: Tensor, value) -> Tensor:  # pad dim 2 (k, v) or dim 1 (valid) up to `longest`
-            dim = 2 if t.dim() == 4 else 1
-            missing = longest - t.shape[dim]
-            return F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (0, missing), value=value) if missing else t
-
-        return KV(*(torch.cat([pad(getattr(s, f), 0 if f != "valid" else False) for s in states])
-                    for f in ("k", "v", "valid")), torch.cat([s.position for s in states]))
-
 
 def last_position_weights(q: Tensor, k_self: Tensor, state: KV, index: Tensor, scale: float) -> Tensor:
     """Softmax weights of the last position over [its prompt's prefix..., itself]: (rows, heads, T_max + 1).
@@ -85,12 +65,14 @@ class TransformerAdapter(Adapter):
     def _scaling(self, layer: int) -> float:
         raise NotImplementedError
 
-    def layer_state(self, layer: int, x: Tensor) -> KV:
-        _, k, v = self._qkv(layer, x, torch.arange(len(x), device=x.device))
-        return KV.of(k, v)
-
-    def stack_states(self, states: list[KV]) -> KV:
-        return KV.stack(states)
+    def layer_states(self, layer: int, x: Tensor, before: Tensor) -> KV:
+        """Keys and values of every prompt's positions before its last, from one batched projection of the
+        padded block inputs x (P, T, d_model); T_max = before.max() key positions, the rest not valid."""
+        P, longest = len(x), int(before.max())
+        positions = torch.arange(longest, device=x.device)
+        _, k, v = self._qkv(layer, x[:, :longest].flatten(0, 1), positions.repeat(P))
+        k, v = (t.unflatten(0, (P, longest)).transpose(1, 2) for t in (k, v))  # (P, heads, T_max, head_dim)
+        return KV(k, v, positions < before[:, None], before)
 
     def token_mixing(self, input_ids: Tensor) -> Tensor:
         return self.last_position_attention(input_ids).mean(1)
@@ -102,7 +84,7 @@ class TransformerAdapter(Adapter):
         index = torch.zeros(1, dtype=torch.long, device=self.device)
         with torch.no_grad():
             for layer, x in enumerate(inputs):  # x: (T, d_model) block input
-                state = self.layer_state(layer, x[:-1])
+                state = self.layer_states(layer, x[None], torch.tensor([len(x) - 1], device=x.device))
                 q, k, _ = self._qkv(layer, x[-1:], state.position)  # (1, heads, head_dim) each
                 rows.append(last_position_weights(q, k, state, index, self._scaling(layer))[0])
         return torch.stack(rows)

@@ -8,7 +8,6 @@ cache classes, whose API changes between releases) and checked against the model
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +21,8 @@ from models.head import TargetProbability
 class Prefix:
     """P clean prompts as seen from their last positions (prompt p has T_p tokens).
 
-    states: per layer, the state that `pre_neurons` needs from the positions before the last, stacked over the
-            P prompts (architecture-specific; see `Adapter.stack_states`).
+    states: per layer, the state that `pre_neurons` needs from the positions before the last, of all P prompts
+            (architecture-specific; see `Adapter.layer_states`).
     resid:  (P, n_layers, d_model) residual stream that layer l's output projection is added to, at T_p - 1.
     acts:   (P, n_layers, width) neuron activations at position T_p - 1.
     logits: (P, vocab) the model's next-token logits at position T_p - 1.
@@ -57,10 +56,11 @@ class Adapter:
         """The output projection whose input holds the neurons of `layer`."""
         raise NotImplementedError
 
-    def layer_state(self, layer: int, x: Tensor) -> Any:
-        """State for `pre_neurons` from the block inputs x (T-1, d_model) of the positions before the last.
+    def layer_states(self, layer: int, x: Tensor, before: Tensor) -> Any:
+        """State for `pre_neurons` of P prompts from their right-padded block inputs x (P, T, d_model): prompt p's
+        state from its first before[p] positions (those before its last; T > before.max()), for all P at once.
 
-        A dataclass of tensors with a leading prompt dimension of 1 (see `stack_states`).
+        A dataclass of tensors with a leading prompt dimension P.
         """
         raise NotImplementedError
 
@@ -72,14 +72,6 @@ class Adapter:
         the block output is resid + project(layer, acts).
         """
         raise NotImplementedError
-
-    def stack_states(self, states: list[Any]) -> Any:
-        """One layer's states of several prompts -> one state of them all, stacked along the prompt dimension.
-
-        The default concatenates every tensor field; states whose length depends on the prompt override this.
-        """
-        fields = dataclasses.fields(states[0])
-        return type(states[0])(*(torch.cat([getattr(s, f.name) for s in states]) for f in fields))
 
     def final_norm(self) -> nn.Module:
         raise NotImplementedError
@@ -200,8 +192,10 @@ class Adapter:
     def prefixes(self, prompts: list[Tensor]) -> Prefix:
         """Per-layer prefix states, last-position residuals and activations of P clean prompts (T_p,) each.
 
-        One forward of the real model gives every block's inputs; the last positions are recomputed with
-        `pre_neurons` (all prompts as one batch of rows); a mismatch with the real forward means this adapter
+        One forward of the real model gives every block's inputs (P prompts right-padded to T_max); each layer's
+        states of all prompts come from those in one batched computation (`layer_states`: no loop over prompts
+        or tokens), and the last positions are recomputed with `pre_neurons` (all prompts as one batch of
+        rows); a mismatch with the real forward means this adapter
         does not cover the model's configuration, and is an error.
         """
         inputs, last_out, logits = self._batched_block_io(prompts)
@@ -210,7 +204,7 @@ class Adapter:
         states, resid, acts = [], [], []
         with torch.no_grad():
             for layer, x in enumerate(inputs):  # x: (P, T_max, d_model)
-                state = self.stack_states([self.layer_state(layer, x[p, :n]) for p, n in enumerate(last.tolist())])
+                state = self.layer_states(layer, x, last)
                 r, a = self.pre_neurons(layer, x[index, last], state, index)
                 states.append(state)
                 resid.append(r)

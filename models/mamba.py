@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.ssm import SSMAdapter, SSMInputs
+from models.ssm import SSMAdapter, SSMInputs, causal_conv
 
 
 @dataclass
@@ -51,29 +51,16 @@ class MambaAdapter(SSMAdapter):
         return F.softplus(mixer.dt_proj(dt_low)), B, C
 
     def ssm_inputs(self, layer: int, x: Tensor) -> SSMInputs:
-        """x: (T, d_model) block inputs of a whole sequence -> the SSM inputs of every position."""
+        """x: (T, d_model) or (P, T, d_model) block inputs -> the SSM inputs of every position."""
         block = self.layers[layer]
         mixer = block.mixer
-        xs, z = mixer.in_proj(block.norm(x)).chunk(2, dim=-1)  # (T, d_inner) each
-        T, k = xs.shape[0], mixer.conv_kernel_size
-        conv = F.conv1d(xs.T[None], mixer.conv1d.weight, mixer.conv1d.bias, padding=k - 1, groups=xs.shape[1])
-        u = F.silu(conv[0, :, :T].T)
+        xs, z = mixer.in_proj(block.norm(x)).chunk(2, dim=-1)  # (..., T, d_inner) each
+        u = F.silu(causal_conv(xs, mixer.conv1d))
         dt, B, C = self._split(mixer, u)
-        return SSMInputs(xs, u, z, dt, B[:, None], C[:, None], -torch.exp(mixer.A_log), mixer.D)  # one group
+        return SSMInputs(xs, u, z, dt, B[..., None, :], C[..., None, :], -torch.exp(mixer.A_log), mixer.D)  # 1 group
 
-    def layer_state(self, layer: int, x: Tensor) -> ConvSSMState:
-        mixer = self.layers[layer].mixer
-        k = mixer.conv_kernel_size
-        taps = mixer.conv1d.weight[:, 0, :-1]  # (d_inner, d_conv - 1): the taps of the previous positions
-        bias = mixer.conv1d.bias if mixer.conv1d.bias is not None else taps.new_zeros(taps.shape[0])
-        if not len(x):  # a one-token prompt: nothing before the last position
-            return ConvSSMState(bias[None].clone(), x.new_zeros(1, *mixer.A_log.shape))
-        s = self.ssm_inputs(layer, x)  # (T-1, ...) the positions before the last
-        window = torch.cat([s.xs.new_zeros(max(0, k - 1 - len(x)), s.xs.shape[1]), s.xs[-(k - 1) :]]).T
-        ssm = s.xs.new_zeros(s.A.shape)
-        for t in range(len(x)):  # h_t = Abar_t h_{t-1} + Bbar_t u_t
-            ssm = torch.exp(s.dt[t, :, None] * s.A) * ssm + s.dt[t, :, None] * s.B[t] * s.u[t, :, None]
-        return ConvSSMState(((window * taps).sum(-1) + bias)[None], ssm[None])
+    def _state(self, conv: Tensor, ssm: Tensor) -> ConvSSMState:
+        return ConvSSMState(conv, ssm[:, :, 0])  # one channel per decay unit
 
     def pre_neurons(self, layer: int, h: Tensor, state: ConvSSMState, index: Tensor) -> tuple[Tensor, Tensor]:
         block = self.layers[layer]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.ssm import SSMAdapter, SSMInputs
+from models.ssm import SSMAdapter, SSMInputs, causal_conv
 
 
 @dataclass
@@ -72,31 +72,18 @@ class Mamba2Adapter(SSMAdapter):
         return x, B.unflatten(-1, (groups, n)), C.unflatten(-1, (groups, n)), dt
 
     def ssm_inputs(self, layer: int, x: Tensor) -> SSMInputs:
+        """x: (T, d_model) or (P, T, d_model) block inputs -> the SSM inputs of every position."""
         mixer = self.layers[layer].mixer
         z, xbc, dt = self._in_proj(layer, x)
-        T, k = len(x), mixer.conv_kernel_size
-        conv = F.conv1d(xbc.T[None], mixer.conv1d.weight, mixer.conv1d.bias, padding=k - 1, groups=mixer.conv_dim)
-        u, B, C, dt = self._split(mixer, conv[0, :, :T].T, dt)
+        u, B, C, dt = self._split(mixer, causal_conv(xbc, mixer.conv1d), dt)
         return SSMInputs(xbc, u, z, dt, B, C, -torch.exp(mixer.A_log)[:, None], mixer.D)
 
     def _heads(self, mixer: nn.Module, t: Tensor) -> Tensor:
         """(n, n_groups, d_state) -> (n, heads, d_state): the group of each head, as transformers repeats it."""
         return t.repeat_interleave(mixer.num_heads // mixer.n_groups, dim=-2)
 
-    def layer_state(self, layer: int, x: Tensor) -> Mamba2State:
-        mixer = self.layers[layer].mixer
-        k, heads, p, n = mixer.conv_kernel_size, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size
-        taps = mixer.conv1d.weight[:, 0, :-1]  # (conv_dim, d_conv - 1): the taps of the previous positions
-        bias = mixer.conv1d.bias if mixer.conv1d.bias is not None else taps.new_zeros(taps.shape[0])
-        ssm = x.new_zeros(heads, p, n)
-        if not len(x):  # a one-token prompt: nothing before the last position
-            return Mamba2State(bias[None].clone(), ssm[None])
-        s = self.ssm_inputs(layer, x)  # (T-1, ...) the positions before the last
-        window = torch.cat([s.xs.new_zeros(max(0, k - 1 - len(x)), s.xs.shape[1]), s.xs[-(k - 1) :]]).T
-        u, B, dt = s.u.unflatten(-1, (heads, p)), self._heads(mixer, s.B), s.dt[..., None, None]
-        for t in range(len(x)):  # h_t = exp(Delta_t A) h_{t-1} + Delta_t x_t B_t, per head
-            ssm = torch.exp(dt[t] * s.A[:, None]) * ssm + dt[t] * u[t, :, :, None] * B[t, :, None, :]
-        return Mamba2State(((window * taps).sum(-1) + bias)[None], ssm[None])
+    def _state(self, conv: Tensor, ssm: Tensor) -> Mamba2State:
+        return Mamba2State(conv, ssm)
 
     def pre_neurons(self, layer: int, h: Tensor, state: Mamba2State, index: Tensor) -> tuple[Tensor, Tensor]:
         mixer = self.layers[layer].mixer

@@ -17,14 +17,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from models.base import Adapter
+
+SCAN_ELEMENTS = 2**24  # at most this many (prompts, T, units, d_state) decay weights at once in `final_states`
 
 
 @dataclass
 class SSMInputs:
-    """The selective scan of one layer along T positions, in the common form above.
+    """The selective scan of one layer along T positions, in the common form above (the fields may also carry a
+    leading prompt dimension P: xs (P, T, conv channels) and so on; A and D never do).
 
     xs: (T, conv channels) what enters the causal depthwise conv (what the conv window keeps)
     u:  (T, d_inner) SSM input x (after the conv and SiLU)
@@ -46,7 +50,7 @@ class SSMInputs:
 
     def group(self, units: slice | Tensor) -> Tensor:
         """(c,) the B / C group of some decay units (units are split evenly over the groups, in order)."""
-        H, G = self.dt.shape[1], self.B.shape[1]
+        H, G = self.dt.shape[-1], self.B.shape[-2]
         return (torch.arange(H, device=self.dt.device) // (H // G))[units]
 
     def alpha_last(self, units: slice | Tensor) -> Tensor:
@@ -64,12 +68,69 @@ class SSMInputs:
         return torch.einsum("jcn,jcn->cj", torch.exp(suffix), CB[:, self.group(units)]) * dt.T
 
 
+    def final_states(self, before: Tensor) -> Tensor:
+        """(P, H, channels per unit, d_state) the state h after the first before[p] positions of each prompt
+        (zero where before[p] = 0); the fields carry the prompt dimension P, T >= before.max(), before (P,).
+
+        A vectorised scan: h = sum_{j < before} exp(sum_{k=j+1..before-1} Delta_k A) Delta_j B_j x_j, with Delta
+        set to 0 from `before` on (decay exp(0) = 1, input 0), so every prompt's segment sums are suffix sums of
+        one (P, T) array, each summed from its own terms (no differences of cumulative sums). Prompts go in
+        chunks of at most SCAN_ELEMENTS decay weights.
+        """
+        P, T, H = self.dt.shape
+        keep = torch.arange(T, device=self.dt.device) < before[:, None]  # (P, T)
+        dt = self.dt * keep[..., None]  # (P, T, H)
+        x = self.u.unflatten(-1, (H, -1))  # (P, T, H, channels per unit)
+        B = self.B[:, :, self.group(slice(None))]  # (P, T, H, d_state)
+        chunk = max(1, SCAN_ELEMENTS // (T * H * self.A.shape[-1]))
+        states = []
+        for p in range(0, P, chunk):
+            d = dt[p : p + chunk]
+            log_decay = d[..., None] * self.A  # (n, T, H, d_state or 1)
+            suffix = torch.cat([log_decay[:, 1:].flip(1).cumsum(1).flip(1), torch.zeros_like(log_decay[:, :1])], 1)
+            weight = torch.exp(suffix) * d[..., None] * B[p : p + chunk]  # (n, T, H, d_state)
+            states.append(torch.einsum("ptun,ptuc->pucn", weight, x[p : p + chunk]))
+        return torch.cat(states)
+
+
+def causal_conv(xs: Tensor, conv: nn.Conv1d) -> Tensor:
+    """The depthwise causal conv of the mixers: xs (..., T, channels) -> (..., T, channels)."""
+    T, channels = xs.shape[-2:]
+    flat = xs.reshape(-1, T, channels).transpose(1, 2)  # (n, channels, T)
+    out = F.conv1d(flat, conv.weight, conv.bias, padding=conv.kernel_size[0] - 1, groups=channels)[..., :T]
+    return out.transpose(1, 2).reshape(xs.shape)
+
+
+def conv_prefix(xs: Tensor, before: Tensor, conv: nn.Conv1d) -> Tensor:
+    """What the causal conv takes from the positions before the last: (P, channels).
+
+    xs (P, T, channels) conv inputs, before (P,) the positions before each prompt's last: the last position's
+    conv output is this plus the last tap times its own input. Positions before the start count as zeros.
+    """
+    k = conv.kernel_size[0]
+    taps = conv.weight[:, 0, :-1]  # (channels, k - 1): the taps of the previous positions
+    padded = F.pad(xs, (0, 0, k - 1, 0))  # position t of xs is k - 1 + t of padded
+    window = padded[torch.arange(len(xs), device=xs.device)[:, None], before[:, None] + torch.arange(k - 1,
+                                                                                                  device=xs.device)]
+    out = torch.einsum("pic,ci->pc", window, taps)  # (P, channels)
+    return out + conv.bias if conv.bias is not None else out
+
+
 class SSMAdapter(Adapter):
     """An adapter of a model whose blocks mix tokens by a selective scan (see the module docstring)."""
 
     def ssm_inputs(self, layer: int, x: Tensor) -> SSMInputs:
-        """x: (T, d_model) block inputs of a whole sequence -> the scan's inputs at every position."""
+        """x: (T, d_model) block inputs of a whole sequence, or (P, T, d_model) of P right-padded ones -> the
+        scan's inputs at every position."""
         raise NotImplementedError
+
+    def _state(self, conv: Tensor, ssm: Tensor):
+        """The adapter's state of P prompts from conv (P, channels) and ssm (P, H, channels per unit, d_state)."""
+        raise NotImplementedError
+
+    def layer_states(self, layer: int, x: Tensor, before: Tensor):
+        s = self.ssm_inputs(layer, x)
+        return self._state(conv_prefix(s.xs, before, self.layers[layer].mixer.conv1d), s.final_states(before))
 
     token_mixing_kind = "hidden attention: mean |alpha_{T-1, j}| over decay units, normalised to sum 1"
 

@@ -1,0 +1,115 @@
+"""Prefix states of a padded batch of prompts (one vectorised computation per layer) against the former
+implementation kept here as the reference: prompt by prompt, and for the state-space models a Python loop over
+the prompt's tokens (h_t = exp(Delta_t A) h_{t-1} + Delta_t B_t x_t)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import adapter_for
+from models.attention import KV, TransformerAdapter
+from models.mamba import ConvSSMState, MambaAdapter
+from models.mamba2 import Mamba2Adapter, Mamba2State
+
+LENGTHS = (1, 7, 2, 12, 1, 5, 4)  # mixed lengths, one-token prompts, the longest not first
+
+
+def _window(xs, k):
+    """(T, channels) conv inputs of the positions before the last -> (channels, k - 1) the conv's window."""
+    return torch.cat([xs.new_zeros(max(0, k - 1 - len(xs)), xs.shape[1]), xs[len(xs) - (k - 1) :]]).T
+
+
+def _mamba_reference(adapter: MambaAdapter, layer: int, x) -> ConvSSMState:
+    """x: (T-1, d_model) one prompt's block inputs before its last position -> its state (P = 1)."""
+    mixer = adapter.layers[layer].mixer
+    k = mixer.conv_kernel_size
+    taps, bias = mixer.conv1d.weight[:, 0, :-1], mixer.conv1d.bias
+    if not len(x):
+        return ConvSSMState(bias[None].clone(), x.new_zeros(1, *mixer.A_log.shape))
+    s = adapter.ssm_inputs(layer, x)
+    ssm = s.xs.new_zeros(s.A.shape)
+    for t in range(len(x)):
+        ssm = torch.exp(s.dt[t, :, None] * s.A) * ssm + s.dt[t, :, None] * s.B[t] * s.u[t, :, None]
+    return ConvSSMState(((_window(s.xs, k) * taps).sum(-1) + bias)[None], ssm[None])
+
+
+def _mamba2_reference(adapter: Mamba2Adapter, layer: int, x) -> Mamba2State:
+    mixer = adapter.layers[layer].mixer
+    k, heads, p, n = mixer.conv_kernel_size, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size
+    taps, bias = mixer.conv1d.weight[:, 0, :-1], mixer.conv1d.bias
+    ssm = x.new_zeros(heads, p, n)
+    if not len(x):
+        return Mamba2State(bias[None].clone(), ssm[None])
+    s = adapter.ssm_inputs(layer, x)
+    u, B, dt = s.u.unflatten(-1, (heads, p)), adapter._heads(mixer, s.B), s.dt[..., None, None]
+    for t in range(len(x)):
+        ssm = torch.exp(dt[t] * s.A[:, None]) * ssm + dt[t] * u[t, :, :, None] * B[t, :, None, :]
+    return Mamba2State(((_window(s.xs, k) * taps).sum(-1) + bias)[None], ssm[None])
+
+
+def _kv_reference(adapter: TransformerAdapter, layer: int, x) -> KV:
+    _, k, v = adapter._qkv(layer, x, torch.arange(len(x)))
+    return KV(k.transpose(0, 1)[None], v.transpose(0, 1)[None], torch.ones(1, len(x), dtype=torch.bool),
+              torch.tensor([len(x)]))
+
+
+def _stack(states):
+    """Reference states of single prompts -> one state of them all (KVs padded with zeros to the longest)."""
+    if not isinstance(states[0], KV):
+        return type(states[0])(*(torch.cat([getattr(s, f) for s in states]) for f in ("conv", "ssm")))
+    longest = max(s.k.shape[2] for s in states)
+    pad = [longest - s.k.shape[2] for s in states]
+    k, v = (torch.cat([F.pad(getattr(s, f), (0, 0, 0, m)) for s, m in zip(states, pad, strict=True)])
+            for f in ("k", "v"))
+    valid = torch.cat([F.pad(s.valid, (0, m), value=False) for s, m in zip(states, pad, strict=True)])
+    return KV(k, v, valid, torch.cat([s.position for s in states]))
+
+
+def _reference(adapter, layer, x):
+    if isinstance(adapter, TransformerAdapter):
+        return _kv_reference(adapter, layer, x)
+    return (_mamba2_reference if isinstance(adapter, Mamba2Adapter) else _mamba_reference)(adapter, layer, x)
+
+
+def test_batched_prefix_states_equal_the_per_prompt_per_token_reference(tiny_model):
+    """Every architecture, mixed lengths with one-token prompts: the states (valid key positions), and the
+    residuals and activations they give, equal the reference to 1e-6 in float32."""
+    model, _ = tiny_model
+    adapter = adapter_for(model)
+    torch.manual_seed(3)
+    prompts = [torch.randint(1, 300, (n,)) for n in LENGTHS]
+    prefix = adapter.prefixes(prompts)  # also checks each layer against the model's own forward
+    inputs, _, _ = adapter._batched_block_io(prompts)
+    index, last = torch.arange(len(prompts)), torch.tensor(LENGTHS) - 1
+    with torch.no_grad():
+        for layer, x in enumerate(inputs):
+            ours = prefix.states[layer]
+            theirs = _stack([_reference(adapter, layer, x[p, :n]) for p, n in enumerate(last.tolist())])
+            if isinstance(ours, KV):
+                assert torch.equal(ours.valid, theirs.valid) and torch.equal(ours.position, theirs.position)
+                mask = ours.valid[:, None, :, None]
+                for f in ("k", "v"):
+                    assert torch.allclose(getattr(ours, f) * mask, getattr(theirs, f), rtol=0, atol=1e-6)
+            else:
+                for f in ("conv", "ssm"):
+                    assert getattr(ours, f).shape == getattr(theirs, f).shape
+                    assert torch.allclose(getattr(ours, f), getattr(theirs, f), rtol=0, atol=1e-6), f
+            resid, acts = adapter.pre_neurons(layer, x[index, last], theirs, index)
+            assert torch.allclose(prefix.resid[:, layer], resid, rtol=0, atol=1e-6)
+            assert torch.allclose(prefix.acts[:, layer], acts, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 9])
+def test_one_prompt_batch_equals_a_batch_of_many(tiny_model, n):
+    """A prompt's prefix does not depend on the prompts padded with it (to the model forward's own float32
+    rounding, which differs between batch shapes)."""
+    model, _ = tiny_model
+    adapter = adapter_for(model)
+    torch.manual_seed(4)
+    prompt = torch.randint(1, 300, (n,))
+    alone = adapter.prefix(prompt)
+    together = adapter.prefixes([torch.randint(1, 300, (13,)), prompt, torch.randint(1, 300, (3,))])
+    assert torch.allclose(alone.acts[0], together.acts[1], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(alone.logits[0], together.logits[1], rtol=0, atol=1e-5)
