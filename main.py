@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--share", type=float, default=Options.share,
                    help="refined neurons: coarse in >= SHARE of a fact's prompts, and in >= 2 (default: %(default)s)")
     a.add_argument("--batch-size", type=int, help="rows per pass (one row = prompt x answer token x layer x step; a "
-                   "fact's prompts share passes); lower it if memory runs out (default: all rows of a fact at once)")
+                   "batch's prompts share passes); lower it if memory runs out (default: all rows of a batch at once)")
+    a.add_argument("--prompts-per-batch", type=int, metavar="N",
+                   help="prompts of several facts attributed together, facts of similar length together, a fact "
+                   "never split (default: 32 on a CPU, 128 on a GPU)")
     s = p.add_argument_group("controls and statistics")
     s.add_argument("--seed", type=int, default=Options.seed,
                    help="seed for random controls, permutations, bootstrap (default: %(default)s)")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from analysis.overlap import neurons_per_layer, overlap_statistics
 from common.errors import UserError
 from common.outputs import atomic_write, table, versions, write_json, write_npz
+from common.tokens import continuation
 from facts import Fact
 from knowledge_neurons import IG_METHODS, KnowledgeNeurons, Neuron, coarse_neurons, refined_neurons
 
@@ -40,6 +41,7 @@ class Options:
     threshold: float = 0.2  # coarse: score >= threshold * max score of the prompt (all layers)
     share: float = 0.5  # refined: in >= share of a fact's prompts (and in >= 2 of them)
     batch_size: int | None = None  # (layer, alpha) rows per pass; None = all at once
+    prompts_per_batch: int | None = None  # prompts of several facts per staircase; None = by device (see below)
     baseline: str = "zero"  # IG baseline: zero (Dai et al.), mean activation over the fact prompts, reference prompt
     baseline_prompt: str | None = None
     seed: int = 0
@@ -56,8 +58,8 @@ class Options:
                             f"'{self.baseline}'); add --baseline reference or drop --baseline-prompt")
         if not 0 < self.threshold <= 1 or not 0 < self.share <= 1:
             raise UserError("--threshold and --share must lie in (0, 1]")
-        if self.steps < 1 or (self.batch_size is not None and self.batch_size < 1):
-            raise UserError("--steps and --batch-size must be positive")
+        if self.steps < 1 or any(n is not None and n < 1 for n in (self.batch_size, self.prompts_per_batch)):
+            raise UserError("--steps, --batch-size and --prompts-per-batch must be positive")
 
     def scores_key(self) -> dict:
         """The options the score tensors depend on (the thresholds are applied afterwards)."""
@@ -131,19 +133,54 @@ def baseline_activations(kn: KnowledgeNeurons, facts: Sequence[Fact], options: O
     return kn.activations_many([p for f in facts for p in f.prompts], progress=progress).mean(0)
 
 
-def attribute_fact(kn: KnowledgeNeurons, fact: Fact, options: Options, baseline: Tensor | None) -> FactResult:
-    results = kn.attribute_many(
-        [(prompt, fact.answer) for prompt in fact.prompts], options.steps, "fast", options.ig_method,
-        options.batch_size, baseline, names=[f"fact {fact.id}"] * len(fact.prompts),
-    )
-    return FactResult(
-        fact,
-        torch.stack([r.scores for r in results]).float(),
-        torch.stack([r.delta for r in results]).float(),
-        [r.probs.float() for r in results],
-        [r.prompt_ids for r in results],
-        results[0].answer_ids,
-    )
+# prompts per `attribute_many` call when --prompts-per-batch is not given, by device type: enough rows that the
+# fixed cost of a pass (Python, small kernels) is shared, few enough that a CPU pass stays in memory
+PROMPTS_PER_BATCH = {"cpu": 32, "cuda": 128}
+
+
+def prompts_per_batch(options: Options, device: torch.device) -> int:
+    """The prompts per staircase batch: the option, or the device type's default (PROMPTS_PER_BATCH; 32)."""
+    return options.prompts_per_batch or PROMPTS_PER_BATCH.get(device.type, 32)
+
+
+def fact_batches(tokenizer, facts: Sequence[Fact], size: int) -> list[list[int]]:
+    """Indices of `facts` in batches of at most `size` prompts, a fact never split (one with more prompts is a
+    batch of its own). The facts are taken by their longest prompt + answer in tokens, so that the prompts of a
+    batch have similar lengths and the padded clean forward wastes little."""
+    texts = [prompt + continuation(prompt, f.answer) for f in facts for prompt in f.prompts]
+    lengths = iter(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+    longest = [max(next(lengths) for _ in f.prompts) for f in facts]
+    batches: list[list[int]] = []
+    count = size  # prompts in the last batch
+    for i in sorted(range(len(facts)), key=lambda i: (longest[i], i)):
+        n = len(facts[i].prompts)
+        if count + n > size:
+            batches.append([])
+            count = 0
+        batches[-1].append(i)
+        count += n
+    return batches
+
+
+def attribute_facts(kn: KnowledgeNeurons, facts: Sequence[Fact], options: Options,
+                    baseline: Tensor | None) -> list[FactResult]:
+    """Every prompt of several facts in one `attribute_many` call (one staircase batch), split per fact."""
+    items = [(prompt, f.answer) for f in facts for prompt in f.prompts]
+    names = [f"fact {f.id}" for f in facts for _ in f.prompts]
+    results = kn.attribute_many(items, options.steps, "fast", options.ig_method, options.batch_size, baseline, names)
+    out, start = [], 0
+    for fact in facts:
+        mine = results[start : start + len(fact.prompts)]
+        start += len(fact.prompts)
+        out.append(FactResult(
+            fact,
+            torch.stack([r.scores for r in mine]).float(),
+            torch.stack([r.delta for r in mine]).float(),
+            [r.probs.float() for r in mine],
+            [r.prompt_ids for r in mine],
+            mine[0].answer_ids,
+        ))
+    return out
 
 
 class FactCache:
@@ -201,7 +238,9 @@ def find_knowledge_neurons(
     label: str | None = None,
     baseline: Tensor | str | None = FROM_FACTS,
 ) -> ModelResult:
-    """Attribute every prompt of every fact; finished facts are saved to `cache_dir` (when given) and, with
+    """Attribute every prompt of every fact, the prompts of several facts per staircase batch (`fact_batches`:
+    up to options.prompts_per_batch prompts, by default PROMPTS_PER_BATCH of the model's device, recorded in the
+    result's options); finished facts are saved to `cache_dir` (when given) and, with
     `resume`, taken from there instead of being recomputed. `label` ("GPT-2") names the model in the progress
     bar and log (default: the folder name). baseline: the (n_layers, width) activations alpha = 0 stands for,
     None for zeros, or FROM_FACTS: `baseline_activations` of these facts and options (the pipeline computes it
@@ -210,16 +249,19 @@ def find_knowledge_neurons(
     if isinstance(baseline, str):
         baseline = baseline_activations(kn, facts, options)
     cache = FactCache(cache_dir, model_name, kn.model, options, baseline) if cache_dir else None
-    results, reused = [], 0
-    for fact in tqdm(facts, desc=f"knowledge neurons {label}", unit="fact", disable=not progress):
-        cached = cache.load(fact) if cache and resume else None
-        if cached is None:
-            cached = attribute_fact(kn, fact, options, baseline)
-            if cache:
-                cache.save(cached)
-        else:
-            reused += 1
-        results.append(cached)
+    options = dataclasses.replace(options, prompts_per_batch=prompts_per_batch(options, kn.adapter.device))
+    results: list[FactResult | None] = [cache.load(f) if cache and resume else None for f in facts]
+    todo = [i for i, r in enumerate(results) if r is None]
+    reused = len(facts) - len(todo)
+    with tqdm(total=len(facts), initial=reused, desc=f"knowledge neurons {label}", unit="fact",
+              disable=not progress) as bar:
+        for batch in fact_batches(kn.tokenizer, [facts[i] for i in todo], options.prompts_per_batch):
+            for i, result in zip(batch, attribute_facts(kn, [facts[todo[i]] for i in batch], options, baseline),
+                                 strict=True):
+                results[todo[i]] = result
+                if cache:
+                    cache.save(result)
+            bar.update(len(batch))
     if reused:
         log.info("%s: reused %d of %d facts from %s", label, reused, len(facts), cache.folder)
     arch = kn.model.config.model_type

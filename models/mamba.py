@@ -82,14 +82,16 @@ class _DecayedReadout(torch.autograd.Function):
     index (rows,) the prompt p_r of each row -> (rows, d_inner). These elementwise passes over
     (rows, d_inner, d_state), not the matrix products, dominate a Mamba step for hundreds of rows, so the
     decayed states q = exp(Delta A) h are built a block of rows at a time, in cache, and never kept: the forward
-    also returns dy/dDelta = sum_n C A q, and the backward builds q again for dy/dC = q. On the CPU a block is
-    a run of rows of one prompt (the staircase keeps a prompt's alphas together), whose h is broadcast, not
-    gathered per row; on a GPU, where each block is a kernel launch, blocks are as large as `GATHER_ELEMENTS`
-    allows and gather each row's h. Gradients flow to Delta and C only (A is a weight, h a state of the clean
+    also returns dy/dDelta = sum_n C A q, and the backward builds q again for dy/dC = q. On the CPU a block holds
+    up to `ELEMENTS["cpu"]` elements: a run of rows of one prompt (the staircase keeps a prompt's alphas
+    together) whose h is broadcast, not gathered per row, or, for runs shorter than a block (small models,
+    few alphas), several whole runs with each row's h gathered, so the Python loop goes over blocks, never rows;
+    on a GPU, where each block is a kernel launch, blocks are as large as `GATHER_ELEMENTS` allows and gather
+    each row's h. Gradients flow to Delta and C only (A is a weight, h a state of the clean
     prompt).
     """
 
-    ROWS: ClassVar[dict[str, int]] = {"cpu": 16}  # by device: rows per block of one prompt (1.5 MB at 130M widths)
+    ELEMENTS: ClassVar[dict[str, int]] = {"cpu": 16 * 1536 * 16}  # by device: elements a block (16 rows at 130M)
     GATHER_ELEMENTS = 2**25  # other devices: elements per (rows, d_state, d_inner) block of gathered states
 
     @staticmethod
@@ -121,16 +123,31 @@ class _DecayedReadout(torch.autograd.Function):
 def _blocks(index: Tensor, width: int, device: str) -> list[tuple[slice, int | Tensor]]:
     """index (rows,) -> [(rows, prompts)] blocks of `_DecayedReadout`, `width` = d_state * d_inner elements a row.
 
-    With a ROWS entry for the device: runs of consecutive rows of one prompt (an int), cut to ROWS rows;
-    otherwise slices of GATHER_ELEMENTS / width rows with each row's prompt ((n,) of index).
+    With an ELEMENTS entry for the device, blocks of at most ELEMENTS / width rows: a run of consecutive rows of
+    one prompt at least that long is cut into blocks of that prompt (an int); shorter runs are put together,
+    whole, into blocks with each row's prompt ((n,) of index). Otherwise: slices of GATHER_ELEMENTS / width rows
+    with each row's prompt.
     """
-    if device not in _DecayedReadout.ROWS:
+    if device not in _DecayedReadout.ELEMENTS:
         most = max(1, _DecayedReadout.GATHER_ELEMENTS // width)
         return [(slice(s, s + most), index[s : s + most]) for s in range(0, len(index), most)]
-    most = _DecayedReadout.ROWS[device]
+    most = max(1, _DecayedReadout.ELEMENTS[device] // width)
     prompts, counts = torch.unique_consecutive(index, return_counts=True)
-    blocks, start = [], 0
+    blocks: list[tuple[slice, int | Tensor]] = []
+    start = pending = 0  # rows [pending, start) are short runs not yet in a block
+
+    def flush(end: int) -> None:
+        if pending < end:
+            blocks.append((slice(pending, end), index[pending:end]))
+
     for prompt, n in zip(prompts.tolist(), counts.tolist(), strict=True):
-        blocks += [(slice(s, min(s + most, start + n)), prompt) for s in range(start, start + n, most)]
+        if n >= most:  # a long run: blocks of its one prompt, whose state is broadcast
+            flush(start)
+            blocks += [(slice(s, min(s + most, start + n)), prompt) for s in range(start, start + n, most)]
+            pending = start + n
+        elif start + n - pending > most:  # this short run does not fit the pending block: it starts the next
+            flush(start)
+            pending = start
         start += n
+    flush(start)
     return blocks

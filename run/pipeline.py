@@ -54,6 +54,7 @@ def options_from(args: argparse.Namespace) -> Options:
     return Options(
         steps=args.steps, ig_method=args.ig_method, threshold=args.threshold, share=args.share,
         batch_size=args.batch_size, baseline=args.baseline, baseline_prompt=args.baseline_prompt, seed=args.seed,
+        prompts_per_batch=args.prompts_per_batch,
     )
 
 

@@ -9,7 +9,7 @@ from transformers import Mamba2ForCausalLM
 
 from common.errors import UserError
 from models import MambaAdapter, adapter_for
-from models.mamba import _DecayedReadout
+from models.mamba import _blocks, _DecayedReadout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -49,14 +49,16 @@ def test_falcon_mamba_needs_its_normalised_b_c_delta(tiny_falcon_mamba):
 
 @pytest.mark.parametrize("blocks", ["runs of one prompt", "gathered states"])
 def test_mamba_decayed_readout_equals_autograd(monkeypatch, blocks):
-    """Mamba's blocked readout sum_n C exp(Delta A) h, both block forms (runs of one prompt with its state
-    broadcast, as on the CPU; any rows with their states gathered, as on a GPU), against plain autograd; several
-    prompts, runs longer than a block, a short last block."""
+    """Mamba's blocked readout sum_n C exp(Delta A) h, both block forms (as on the CPU: runs of one prompt with its
+    state broadcast, and short runs put together with their states gathered; as on a GPU: any rows with their
+    states gathered), against plain autograd; several prompts, runs longer than a block, a short last block."""
     if blocks == "gathered states":
-        monkeypatch.setattr(_DecayedReadout, "ROWS", {})
+        monkeypatch.setattr(_DecayedReadout, "ELEMENTS", {})
         monkeypatch.setattr(_DecayedReadout, "GATHER_ELEMENTS", 3 * 6 * 4)  # 3 rows of (d_state, d_inner) a block
     else:
-        monkeypatch.setattr(_DecayedReadout, "ROWS", {"cpu": 3})
+        monkeypatch.setattr(_DecayedReadout, "ELEMENTS", {"cpu": 3 * 6 * 4})
+        kinds = [type(p) for _, p in _blocks(torch.tensor([0, 0, 0, 0, 2, 2, 1, 1, 1, 1, 1]), 6 * 4, "cpu")]
+        assert kinds == [int, int, torch.Tensor, int, int]  # 0 0 0 | 0 | 2 2 (gathered) | 1 1 1 | 1 1
     gen = torch.Generator().manual_seed(0)
     rows, d_inner, d_state = 11, 6, 4
 
