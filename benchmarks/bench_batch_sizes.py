@@ -95,7 +95,7 @@ def rates(folder: Path, arch: str, device: torch.device, args) -> list[list]:
             break
         rate = b / best
         rows.append([arch, device.type, b, best / b, rate, args.prompts / rate / 3600])
-        print(table(HEADERS, rows[-1:]), flush=True)
+        print(table([h.format(n=args.prompts) for h in HEADERS], rows[-1:]), flush=True)
     return rows
 
 

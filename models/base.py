@@ -159,14 +159,14 @@ class Adapter:
         only its own tokens (causal models), whatever pads follow it.
 
         Returns the input of every block and the output of the last block, each (P, T_max, d_model), and the
-        logits of each prompt's last position (P, vocab).
+        logits of each prompt's last position (P, vocab). The forward is the base model's (without its LM head),
+        and the head runs on the P last positions only, not on every position or length the batch has.
         """
         lengths = [len(ids) for ids in prompts]
         batch = torch.zeros(len(prompts), max(lengths), dtype=torch.long)  # token 0 pads; no position reads it
         for row, ids in zip(batch, prompts, strict=True):
             row[: len(ids)] = ids
-        last = torch.tensor(lengths) - 1  # (P,)
-        keep = torch.unique(last)  # the positions whose logits are needed, sorted
+        last = torch.tensor(lengths, device=self.device) - 1  # (P,)
         inputs: list[Tensor] = []
         outputs: list[Tensor] = []
 
@@ -177,13 +177,13 @@ class Adapter:
         handles = [layer.register_forward_hook(grab, with_kwargs=True) for layer in self.layers]
         try:
             with torch.no_grad():
-                logits = self.model(batch.to(self.device), use_cache=False, logits_to_keep=keep.to(self.device)).logits
+                hidden = self.model.base_model(batch.to(self.device), use_cache=False).last_hidden_state
+                rows = torch.arange(len(prompts), device=self.device)
+                logits = self.model.get_output_embeddings()(hidden[rows, last])
         finally:
             for handle in handles:
                 handle.remove()
-        # a model that ignores logits_to_keep (Mamba in transformers 4.x) returns every position
-        position = last if logits.shape[1] == batch.shape[1] else torch.searchsorted(keep, last)
-        return inputs, outputs[-1], logits[torch.arange(len(prompts)), position.to(self.device)]  # (P, vocab)
+        return inputs, outputs[-1], logits  # (P, vocab)
 
     def prefix(self, input_ids: Tensor) -> Prefix:
         """`prefixes` of one prompt (T,): P = 1."""

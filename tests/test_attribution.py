@@ -262,17 +262,13 @@ def test_out_of_memory_says_to_lower_the_batch_size(tiny_gpt2, monkeypatch):
         kn.attribute(PROMPT, "Paris", steps=2)
 
 
-def test_prefix_logits_when_the_model_ignores_logits_to_keep(tiny_model, monkeypatch):
-    """Some models (Mamba in transformers 4.x) return logits for every position whatever logits_to_keep says:
-    the prefix still takes each prompt's last position."""
+def test_prefix_logits_are_the_full_models_at_each_last_position(tiny_model):
+    """The batched clean forward (base model, then the LM head on each prompt's last position) gives the logits
+    of the model's own forward of each prompt alone."""
     model, tokenizer = tiny_model
     adapter = KnowledgeNeurons(model, tokenizer).adapter
     prompts = [torch.tensor(tokenizer(p)["input_ids"]) for p in ("The capital of France is", PROMPT, "The")]
     assert len({len(p) for p in prompts}) == 3
     wanted = adapter.prefixes(prompts).logits  # (P, vocab)
-    forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda *args, logits_to_keep=0, **kwargs: forward(*args, **kwargs))
-    ignored = adapter.prefixes(prompts).logits
-    torch.testing.assert_close(ignored, wanted, rtol=1e-5, atol=1e-6)
-    alone = torch.cat([forward(p[None], use_cache=False).logits[:, -1] for p in prompts])
+    alone = torch.cat([model(p[None], use_cache=False).logits[:, -1] for p in prompts])
     torch.testing.assert_close(wanted, alone, rtol=1e-4, atol=1e-5)
