@@ -19,18 +19,20 @@ class TargetProbability(torch.autograd.Function):
     and sum s per row, rescaled when m grows), so each block's logits are used while they are still in cache:
     logits and probabilities are never written out at full width, which makes the two products about a third
     faster than one (rows, vocab) pass. Elsewhere (a GPU) the whole vocabulary is one block. Rows go `CHUNK` at
-    a time, which bounds the (rows, block) buffer.
+    a time on the CPU and `DEVICE_CHUNK` elsewhere (fewer, larger kernels), which bounds the (rows, block) buffer.
     """
 
-    CHUNK = 256  # rows per pass
+    CHUNK = 256  # rows per pass on the CPU
+    DEVICE_CHUNK = 2048  # rows per pass elsewhere: a (2048, vocab) buffer, 0.4 GB at GPT-2's vocabulary
     VOCAB_BLOCK = 1024  # vocabulary entries per block on the CPU
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> Tensor:
         block = TargetProbability.VOCAB_BLOCK if x.device.type == "cpu" else len(weight)
         expected, log_sum = torch.empty_like(x), x.new_empty(len(x))  # (rows, d_model) P @ W, (rows,) logsumexp
-        for start in range(0, len(x), TargetProbability.CHUNK):
-            rows = slice(start, start + TargetProbability.CHUNK)
+        chunk = TargetProbability.CHUNK if x.device.type == "cpu" else TargetProbability.DEVICE_CHUNK
+        for start in range(0, len(x), chunk):
+            rows = slice(start, start + chunk)
             expected[rows], log_sum[rows] = _softmax_weighted_rows(x[rows], weight, bias, block)
         logit = (x * weight[target]).sum(-1) + (bias[target] if bias is not None else 0)  # (rows,)
         p = torch.exp(logit - log_sum)
