@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from models.base import Adapter
@@ -25,29 +24,47 @@ class KV:
     position: Tensor
 
 
+def _grouped(index: Tensor, n_prompts: int) -> tuple[Tensor, Tensor] | None:
+    """When every prompt has the same number of rows (the staircase's passes without a row limit): the order that
+    groups the rows by prompt and its inverse, each (rows,); else None."""
+    counts = torch.bincount(index, minlength=n_prompts)
+    if len(index) == 0 or bool((counts != counts[0]).any()):
+        return None
+    order = torch.argsort(index, stable=True)
+    return order, torch.argsort(order)
+
+
+def _with_own_prompt(equation: str, rows: Tensor, state_tensor: Tensor, index: Tensor) -> Tensor:
+    """A product of per-row tensors `rows` (rows, heads, ...) with their own prompt's `state_tensor`
+    (P, heads, T_max, ...), `equation` written for one row ("hd,htd->ht"): a batched product per prompt when
+    every prompt has as many rows (no copy of the state, no work against other prompts' states), else with each
+    row's state gathered."""
+    operands, out = equation.split("->")
+    a, b = operands.split(",")
+    grouped = _grouped(index, len(state_tensor))
+    if grouped is None:
+        return torch.einsum(f"r{a},r{b}->r{out}", rows, state_tensor[index])
+    order, inverse = grouped
+    per_prompt = rows[order].unflatten(0, (len(state_tensor), -1))  # (P, m, heads, ...)
+    return torch.einsum(f"pm{a},p{b}->pm{out}", per_prompt, state_tensor).flatten(0, 1)[inverse]
+
+
 def last_position_weights(q: Tensor, k_self: Tensor, state: KV, index: Tensor, scale: float) -> Tensor:
     """Softmax weights of the last position over [its prompt's prefix..., itself]: (rows, heads, T_max + 1).
 
-    q, k_self: (rows, heads, head_dim); index: (rows,) the prompt of each row; padded positions weigh 0. The
-    scores against every prompt's keys are computed and the row's own picked (P x the attention's small cost),
-    so no (rows, heads, T_max, head_dim) copy of the keys is made.
+    q, k_self: (rows, heads, head_dim); index: (rows,) the prompt of each row; padded positions weigh 0. Each
+    row's scores are against its own prompt's keys only (see `_with_own_prompt`).
     """
-    rows = torch.arange(len(q), device=q.device)
-    scores_prefix = torch.einsum("rhd,phtd->rpht", q, state.k)[rows, index]  # (rows, heads, T_max)
+    scores_prefix = _with_own_prompt("hd,htd->ht", q, state.k, index)  # (rows, heads, T_max)
     scores_prefix = scores_prefix.masked_fill(~state.valid[index][:, None, :], -torch.inf)
     scores_self = (q * k_self).sum(-1, keepdim=True)  # (rows, heads, 1)
     return (torch.cat([scores_prefix, scores_self], dim=-1) * scale).softmax(dim=-1)
 
 
 def attend(weights: Tensor, v_self: Tensor, state: KV, index: Tensor) -> Tensor:
-    """(rows, heads, T_max + 1) weights, (rows, heads, head_dim) own value -> (rows, heads, head_dim) output.
-
-    The prefix weights are spread over a one-hot prompt axis (rows, P, heads, T_max), again instead of copying
-    each row's values.
-    """
-    onehot = F.one_hot(index, len(state.v)).to(weights.dtype)  # (rows, P)
-    spread = onehot[:, :, None, None] * weights[:, None, :, :-1]  # (rows, P, heads, T_max)
-    return torch.einsum("rpht,phtd->rhd", spread, state.v) + weights[..., -1:] * v_self
+    """(rows, heads, T_max + 1) weights, (rows, heads, head_dim) own value -> (rows, heads, head_dim) output."""
+    prefix = _with_own_prompt("ht,htd->hd", weights[..., :-1].contiguous(), state.v, index)
+    return prefix + weights[..., -1:] * v_self
 
 
 class TransformerAdapter(Adapter):

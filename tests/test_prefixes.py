@@ -113,3 +113,19 @@ def test_one_prompt_batch_equals_a_batch_of_many(tiny_model, n):
     together = adapter.prefixes([torch.randint(1, 300, (13,)), prompt, torch.randint(1, 300, (3,))])
     assert torch.allclose(alone.acts[0], together.acts[1], rtol=1e-5, atol=1e-5)
     assert torch.allclose(alone.logits[0], together.logits[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("index", [[0, 1, 2, 0, 1, 2], [2, 2, 0, 1, 0, 1], [0, 0, 0, 1, 2, 2]])
+def test_attention_against_own_prompt_grouped_and_gathered(index):
+    """Rows against their own prompt's keys and values: as a product per prompt (every prompt has as many rows,
+    in any order) and with states gathered (uneven rows), both equal to one row at a time."""
+    from models.attention import _with_own_prompt
+
+    gen = torch.Generator().manual_seed(0)
+    index = torch.tensor(index)
+    q, w = torch.randn(6, 2, 5, generator=gen), torch.randn(6, 2, 4, generator=gen)
+    k, v = torch.randn(3, 2, 4, 5, generator=gen), torch.randn(3, 2, 4, 5, generator=gen)
+    scores, out = _with_own_prompt("hd,htd->ht", q, k, index), _with_own_prompt("ht,htd->hd", w, v, index)
+    for r, p in enumerate(index.tolist()):
+        torch.testing.assert_close(scores[r], torch.einsum("hd,htd->ht", q[r], k[p]))
+        torch.testing.assert_close(out[r], torch.einsum("ht,htd->hd", w[r], v[p]))
