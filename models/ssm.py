@@ -67,7 +67,6 @@ class SSMInputs:
             CB = CB.sum(-1, keepdim=True)
         return torch.einsum("jcn,jcn->cj", torch.exp(suffix), CB[:, self.group(units)]) * dt.T
 
-
     def final_states(self, before: Tensor) -> Tensor:
         """(P, H, channels per unit, d_state) the state h after the first before[p] positions of each prompt
         (zero where before[p] = 0); the fields carry the prompt dimension P, T >= before.max(), before (P,).
@@ -110,8 +109,8 @@ def conv_prefix(xs: Tensor, before: Tensor, conv: nn.Conv1d) -> Tensor:
     k = conv.kernel_size[0]
     taps = conv.weight[:, 0, :-1]  # (channels, k - 1): the taps of the previous positions
     padded = F.pad(xs, (0, 0, k - 1, 0))  # position t of xs is k - 1 + t of padded
-    window = padded[torch.arange(len(xs), device=xs.device)[:, None], before[:, None] + torch.arange(k - 1,
-                                                                                                  device=xs.device)]
+    positions = before[:, None] + torch.arange(k - 1, device=xs.device)  # (P, k - 1) in padded
+    window = padded[torch.arange(len(xs), device=xs.device)[:, None], positions]  # (P, k - 1, channels)
     out = torch.einsum("pic,ci->pc", window, taps)  # (P, channels)
     return out + conv.bias if conv.bias is not None else out
 
