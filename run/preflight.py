@@ -47,6 +47,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "threshold": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "share": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "batch_size": (_given(lambda v: v >= 1), "an integer >= 1"),
+    "prompts_per_batch": (_given(lambda v: v >= 1), "an integer >= 1"),
     "max_facts_per_relation": (_given(lambda v: v >= 1), "an integer >= 1"),
     "max_prompts_per_fact": (_given(lambda v: v >= 2), "an integer >= 2 (a refined neuron needs 2 prompts)"),
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)"),
