@@ -1,5 +1,6 @@
 """What is computed from the knowledge-neuron scores of one model: the knowledge stage with its per-fact cache and
-files (`stage`), overlap statistics of neuron sets across facts with significance tests (`overlap`), and the causal
+files (`stage`), overlap statistics of neuron sets across facts, exact over every pair from a sparse fact x
+neuron matrix (`overlap`), their permutation test and bootstrap over facts (`significance`), and the causal
 suppress / amplify checks against random-neuron controls (`interventions`).
 
 May import `common`, `facts`, `models` and the public method modules (`knowledge_neurons`, `attention_neurons`);

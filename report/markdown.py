@@ -78,9 +78,10 @@ def _stats_line(label: str, stats: dict) -> str:
 
     return (
         f"- **{label}**: intra-relation Jaccard {ci(boot['intra_jaccard'])}, inter-relation "
-        f"{ci(boot['inter_jaccard'])} (mean, {100 * boot['intra_jaccard']['level']:.0f} % bootstrap CI, "
-        f"{boot['intra_jaccard']['n_boot']} resamples); permutation test of intra > inter "
-        f"({perm['n_permutations']} relabellings, seed {perm['seed']}): {findings.p_value(perm)}."
+        f"{ci(boot['inter_jaccard'])} (mean over every pair of facts, {100 * boot['intra_jaccard']['level']:.0f} % "
+        f"bootstrap CI from {boot['intra_jaccard']['n_boot']} resamples of the facts within each relation, not of "
+        f"the pairs, which share facts); permutation test of intra > inter "
+        f"({perm['n_permutations']} relabellings of the facts, seed {perm['seed']}): {findings.p_value(perm)}."
     )
 
 

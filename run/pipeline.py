@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 
 from analysis.interventions import run_interventions
-from analysis.overlap import bootstrap_ci, permutation_test
+from analysis.significance import PairJaccard, bootstrap_relation_means, permutation_test
 from analysis.stage import (
     ModelResult,
     Options,
@@ -202,15 +202,13 @@ def run_attention(args: argparse.Namespace, facts: Sequence[Fact], names: dict[s
 
 
 def relation_statistics(result: ModelResult, args: argparse.Namespace) -> dict:
-    """Intra- vs inter-relation Jaccard: permutation test over relation labels and bootstrap CIs of both means."""
-    pairs = result.overlap["pairs"]
+    """Intra- vs inter-relation Jaccard: permutation test over relation labels and bootstrap CIs of both means
+    (facts resampled within relations), both exact over every pair from the sparse pair entries."""
+    sets, relations = result.neuron_sets(), result.relations()
+    pairs = PairJaccard.of(sets, relations)
     return {
-        "permutation_test": permutation_test(result.neuron_sets(), result.relations(), args.permutations, args.seed),
-        "bootstrap": {
-            split: bootstrap_ci([p["jaccard"] for p in pairs if p["same_relation"] == same], args.bootstrap,
-                                args.seed)
-            for split, same in (("intra_jaccard", True), ("inter_jaccard", False))
-        },
+        "permutation_test": permutation_test(sets, relations, args.permutations, args.seed, pairs=pairs),
+        "bootstrap": bootstrap_relation_means(sets, relations, args.bootstrap, args.seed, pairs=pairs),
     }
 
 

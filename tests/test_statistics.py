@@ -6,18 +6,11 @@ from fractions import Fraction
 from itertools import product
 
 import numpy as np
+import overlap_reference as reference
 import pytest
 
-from analysis.overlap import (
-    bootstrap_ci,
-    fact_pairs,
-    jaccard,
-    neurons_per_layer,
-    overlap_statistics,
-    pair_table,
-    permutation_test,
-    summarize,
-)
+from analysis.overlap import jaccard, neurons_per_layer, overlap_statistics, pair_table
+from analysis.significance import permutation_test
 
 A = frozenset({(0, 1), (0, 2), (1, 3)})
 B = frozenset({(0, 2), (1, 3), (2, 5)})
@@ -106,17 +99,6 @@ def test_jaccard_empty_sets():
     assert jaccard(A, set()) == 0.0
 
 
-def test_fact_pairs_order_and_flags():
-    relations = {"a": "P1", "b": "P2", "c": "P1"}
-    assert fact_pairs(["a", "b", "c"], relations) == [("a", "b", False), ("a", "c", True), ("b", "c", False)]
-    assert fact_pairs(["a"], relations) == []
-
-
-def test_fact_pairs_missing_relation():
-    with pytest.raises(ValueError, match="'x'"):
-        fact_pairs(["a", "x"], {"a": "P1"})
-
-
 # --- pair_table, neurons_per_layer -----------------------------------------------------------------------
 
 
@@ -145,11 +127,11 @@ def test_neurons_per_layer_counts_shared_neurons_per_fact():
 # --- summarize, overlap_statistics -----------------------------------------------------------------------
 
 
-def test_summarize_excludes_none_and_uses_population_std():
-    s = summarize([1.0, None, 3.0, None])
+def test_reference_summarize_excludes_none_and_uses_population_std():
+    s = reference.summarize([1.0, None, 3.0, None])
     assert s == {"pairs": 4, "defined": 2, "mean": 2.0, "std": 1.0}  # ddof=1 would give sqrt(2)
-    assert summarize([None, None]) == {"pairs": 2, "defined": 0, "mean": None, "std": None}
-    assert summarize([]) == {"pairs": 0, "defined": 0, "mean": None, "std": None}
+    assert reference.summarize([None, None]) == {"pairs": 2, "defined": 0, "mean": None, "std": None}
+    assert reference.summarize([]) == {"pairs": 0, "defined": 0, "mean": None, "std": None}
 
 
 def test_overlap_statistics_two_relations_by_hand():
@@ -293,55 +275,6 @@ def test_permutation_test_without_intra_pairs_gives_note():
     assert result["p_value"] is None and "inter" in result["note"]
 
 
-# --- bootstrap -------------------------------------------------------------------------------------------
-
-
-def test_bootstrap_contains_mean_and_is_deterministic():
-    values = list(np.random.default_rng(0).normal(0.3, 0.1, size=50))
-    ci = bootstrap_ci(values, n_boot=1000, seed=5)
-    assert ci["mean"] == pytest.approx(np.mean(values))
-    assert ci["low"] < ci["mean"] < ci["high"]
-    assert ci["level"] == 0.95 and ci["n_boot"] == 1000 and ci["seed"] == 5
-    assert bootstrap_ci(values, n_boot=1000, seed=5) == ci
-
-
-def test_bootstrap_narrows_with_more_data():
-    rng = np.random.default_rng(1)
-    small = bootstrap_ci(list(rng.normal(size=20)), seed=0)
-    large = bootstrap_ci(list(rng.normal(size=2000)), seed=0)
-    assert large["high"] - large["low"] < (small["high"] - small["low"]) / 4  # ~ sqrt(100) = 10x narrower
-
-
-def test_bootstrap_width_matches_normal_theory():
-    # For n = 2000 the bootstrap distribution of the mean is close to normal with sd = s / sqrt(n),
-    # so the 95 % interval is about mean +- 1.96 s / sqrt(n) and the 50 % one about mean +- 0.674 s / sqrt(n).
-    values = np.random.default_rng(2).normal(size=2000)
-    standard_error = values.std() / math.sqrt(values.size)
-    ci95 = bootstrap_ci(list(values), n_boot=2000, seed=0)
-    ci50 = bootstrap_ci(list(values), n_boot=2000, seed=0, level=0.5)
-    assert ci95["high"] - ci95["low"] == pytest.approx(2 * 1.96 * standard_error, rel=0.1)
-    assert ci50["high"] - ci50["low"] == pytest.approx(2 * 0.674 * standard_error, rel=0.1)
-
-
-def test_bootstrap_constant_none_and_empty():
-    assert bootstrap_ci([0.5, 0.5, 0.5]) == {
-        "mean": 0.5,
-        "low": 0.5,
-        "high": 0.5,
-        "level": 0.95,
-        "n_boot": 1000,
-        "seed": 0,
-    }
-    assert bootstrap_ci([1.0, None, 3.0], seed=2) == bootstrap_ci([1.0, 3.0], seed=2)
-    empty = bootstrap_ci([None])
-    assert empty["mean"] is None and empty["low"] is None and empty["high"] is None
-
-
-def test_bootstrap_rejects_bad_level():
-    with pytest.raises(ValueError, match="level"):
-        bootstrap_ci([1.0], level=1.0)
-
-
 # --- JSON ------------------------------------------------------------------------------------------------
 
 
@@ -352,9 +285,6 @@ def test_outputs_are_plain_json():
         overlap_statistics(sets, relations, n_layers=3),
         permutation_test(sets, relations, n_permutations=50),
         permutation_test({"a": A, "b": B}, {"a": "P1", "b": "P2"}),
-        bootstrap_ci([0.1, 0.4, None]),
-        bootstrap_ci([]),
-        summarize([None]),
         neurons_per_layer(sets, n_layers=3),
     ]
     for out in outputs:
