@@ -99,7 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--random-draws", type=int, default=5,
                    help="random-neuron control sets per fact (interventions) and per edit (editing) (default: 5)")
     s.add_argument("--permutations", type=int, default=1000, help="permutation-test relabellings (default: 1000)")
-    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    s.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of the facts within each relation (default: 1000)")
+    s.add_argument("--pairs-file", action="store_true",
+                   help="also write every pair of facts' Jaccard and intersection (all layers and per layer) to "
+                        "<out>/<label>_overlap_pairs.jsonl.gz, streamed; the JSON holds the pair table only up to "
+                        "300 facts. Grows with the square of the facts")
     e = p.add_argument_group("knowledge editing (edit; comprehensive adds it to the report)")
     e.add_argument("--edit-rule", default=EditOptions.rule, choices=RULES,
                    help="dai: v <- v - L1 ||v||/||e(old)|| e(old) + L2 ||v||/||e(new)|| e(new) (Dai et al.); "

@@ -248,7 +248,8 @@ def overlap_statistics(sets: Mapping[str, AbstractSet[Neuron]], relations: Mappi
     else:
         stats["pairs"] = None
         stats["pairs_omitted"] = (f"{n} facts ({n * (n - 1) // 2} pairs) is more than {max_pairs_facts}: the pair "
-                                  "table is left out of the JSON; --pairs-file FILE writes it (gzip JSON lines)")
+                                  "table is left out of the JSON; --pairs-file writes it to "
+                                  "<label>_overlap_pairs.jsonl.gz")
     return stats
 
 

@@ -29,6 +29,7 @@ from knowledge_neurons import IG_METHODS, KnowledgeNeurons, Neuron, coarse_neuro
 log = logging.getLogger(__name__)
 
 BASELINES = ("zero", "mean", "reference")
+TABLE_MAX_FACTS = 50  # above this many facts the console table has one row a relation
 FROM_FACTS = "from facts"  # find_knowledge_neurons' default baseline: computed from the facts it is given
 
 
@@ -350,6 +351,9 @@ def knowledge_tables(results: dict[str, ModelResult]) -> str:
         for k, r in enumerate(first.facts)
     ]
     fact_headers = ["fact", "relation"] + [h for lab in labels for h in (f"{lab} KN", f"{lab} P(ans)")]
+    title = "Refined knowledge neurons per fact (and mean P(answer) over its prompts)"
+    if len(per_fact) > TABLE_MAX_FACTS:
+        title, fact_headers, per_fact = _per_relation(per_fact, labels)
     profiles = {lab: res.layer_distribution for lab, res in results.items()}
     depth = max(len(p) for p in profiles.values())
     per_layer = [
@@ -357,13 +361,27 @@ def knowledge_tables(results: dict[str, ModelResult]) -> str:
     ]
     side = [[name] + [fn(res) for res in results.values()] for name, fn in _COMPARISON]
     return "\n\n".join([
-        "Refined knowledge neurons per fact (and mean P(answer) over its prompts)",
+        title,
         table(fact_headers, per_fact),
         "Knowledge neurons per layer (summed over facts)",
         table(["layer", *labels], per_layer),
         "Side by side",
         table(["", *labels], side),
     ])
+
+
+def _per_relation(per_fact: list[list], labels: list[str]) -> tuple[str, list[str], list[list]]:
+    """The per-fact rows ([fact, relation, KN, P(ans) per model]) collapsed to one row a relation (means)."""
+    by_relation: dict[str, list[list]] = {}
+    for row in per_fact:
+        by_relation.setdefault(row[1], []).append(row[2:])
+    rows = [[relation, len(members), *np.mean(np.array(members, dtype=float), axis=0).tolist()]
+            for relation, members in sorted(by_relation.items())]
+    headers = ["relation", "facts"] + [h for lab in labels for h in (f"{lab} mean KN", f"{lab} mean P(ans)")]
+    title = (f"Refined knowledge neurons per relation ({len(per_fact)} facts, more than {TABLE_MAX_FACTS}: means over "
+             "each relation's facts; the per-fact values are in each model's <label>_knowledge_neurons.json, "
+             "facts[].n_refined and facts[].prompts[].p_answer)")
+    return title, headers, rows
 
 
 def _overlap(res: ModelResult, split: str, what: str) -> float | None:

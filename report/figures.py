@@ -143,6 +143,39 @@ def plot_jaccard_matrix(result: ModelResult, label: str, path: Path, caveat: str
     return save(fig, path)
 
 
+FACT_MATRIX_MAX_FACTS = 100  # above this many facts the Jaccard figure is relation x relation
+MAX_PIXELS = 4000  # a side, at the dpi of `save`
+
+
+def plot_relation_jaccard(result: ModelResult, label: str, path: Path, caveat: str | None = None) -> Path:
+    """Relation x relation mean Jaccard of refined neuron sets (`overlap.relation_matrix`): cell (r, s) is the mean
+    over every pair of a fact of r and a fact of s (the diagonal: pairs within r) whose Jaccard is defined.
+
+    The colour scale runs from 0 to the largest cell; white: no defined pair. At most MAX_PIXELS a side.
+    """
+    matrix = result.overlap["relation_matrix"]
+    names = matrix["relations"]
+    values = np.array([[np.nan if v is None else v for v in row] for row in matrix["jaccard"]], dtype=float)
+    n = len(names)
+    side = min(0.3 * n + 3.5, MAX_PIXELS / 110 - 0.1)
+    fig = new_figure(side, min(side - 0.7, MAX_PIXELS / 110 - 0.1))
+    ax = fig.subplots()
+    top = np.nanmax(values) if np.isfinite(values).any() else 0.0
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=top if top > 0 else 1.0)
+    fontsize = max(3, min(8, 400 / max(n, 1)))
+    ax.set_xticks(range(n), names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(n), names, fontsize=fontsize)
+    ax.set_xlabel("relation")
+    ax.set_ylabel("relation")
+    ax.set_title(f"{label}: mean Jaccard similarity of refined knowledge neurons between relations\n"
+                 f"({len(result.facts)} facts; diagonal: pairs within a relation; white: no defined pair)",
+                 fontsize=10)
+    fig.colorbar(im, ax=ax, label="mean Jaccard over the pairs of facts", shrink=0.8)
+    _caveat(fig, caveat)
+    return save(fig, path)
+
+
 CONTROLS = [
     ("suppress", "knowledge_neurons", "KN x0"),
     ("suppress", "random_neurons", "random x0"),

@@ -136,7 +136,8 @@ def comprehensive_report(doc: dict, results: dict[str, ModelResult], per_model: 
         "",
         *[_stats_line(lab, m["statistics"]) for lab, m in labels.items()],
         "",
-        *[f"![Jaccard {label}]({figs[f'jaccard_{label}']})" for label in per_model],
+        *[f"![Jaccard {label}]({figs.get(f'jaccard_{label}') or figs[f'jaccard_relations_{label}']})"
+          for label in per_model],
         "",
         "## Causal checks",
         "",

@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 
 from analysis.interventions import run_interventions
+from analysis.overlap import incidence, write_pairs_file
 from analysis.significance import PairJaccard, bootstrap_relation_means, permutation_test
 from analysis.stage import (
     ModelResult,
@@ -27,7 +28,15 @@ from facts import Fact
 from knowledge_neurons import KnowledgeNeurons
 from models import ADAPTERS, SSMAdapter, load_config, load_model
 from report.attention_figures import plot_hidden_attention, plot_subject_flow, units
-from report.figures import jaccard_scale, named, plot_interventions, plot_jaccard_matrix, plot_layer_distribution
+from report.figures import (
+    FACT_MATRIX_MAX_FACTS,
+    jaccard_scale,
+    named,
+    plot_interventions,
+    plot_jaccard_matrix,
+    plot_layer_distribution,
+    plot_relation_jaccard,
+)
 from report.findings import completeness
 from report.markdown import attention_table, comprehensive_report, demo_caveat, interventions_table
 from run import distributed
@@ -77,6 +86,14 @@ def caveat_of(names: dict[str, str]) -> str | None:
     return demo_caveat(names, architectures(names))
 
 
+def _pairs_file(result: ModelResult, out: Path, label: str) -> str:
+    """Writes <label>_overlap_pairs.jsonl.gz (every pair of facts, streamed); returns its name in `out`."""
+    name = f"{label}_overlap_pairs.jsonl.gz"
+    write_pairs_file(incidence(result.neuron_sets(), result.relations(), result.n_layers), out / name)
+    log.info("wrote %s", out / name)
+    return name
+
+
 def knowledge_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> dict[str, Analysed]:
     """Knowledge neurons of every model (label -> name); writes <label>_knowledge_neurons.json/.npz to --out."""
     options = options_from(args)
@@ -92,8 +109,9 @@ def knowledge_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
         result = distributed.shard_and_gather(attribute, kn, facts, progress=not args.quiet, label=label)
         if result is None:  # under torchrun, ranks other than 0 only attribute their share
             continue
-        doc = write_knowledge(result, tokenizer, out, f"{label}_knowledge_neurons",
-                              {"arguments": arguments(args), **notes(args)})
+        extra = {"arguments": arguments(args), **notes(args),
+                 "pairs_file": _pairs_file(result, out, label) if args.pairs_file else None}
+        doc = write_knowledge(result, tokenizer, out, f"{label}_knowledge_neurons", extra)
         log.info("wrote %s", out / f"{label}_knowledge_neurons.json")
         unconverged = completeness(label, result)
         if unconverged:
@@ -212,6 +230,19 @@ def relation_statistics(result: ModelResult, args: argparse.Namespace) -> dict:
     }
 
 
+def _jaccard_key(label: str, result: ModelResult) -> str:
+    """The figures key of a model's Jaccard figure: fact x fact up to FACT_MATRIX_MAX_FACTS facts, else relations."""
+    return f"jaccard_{label}" if len(result.facts) <= FACT_MATRIX_MAX_FACTS else f"jaccard_relations_{label}"
+
+
+def _jaccard_figure(result: ModelResult, label: str, out: Path, caveat: str | None, vmax: float | None) -> Path:
+    """The fact x fact Jaccard figure (colour scale up to `vmax`) up to FACT_MATRIX_MAX_FACTS facts, else the
+    relation x relation heatmap."""
+    if len(result.facts) <= FACT_MATRIX_MAX_FACTS:
+        return plot_jaccard_matrix(result, label, out / "figures" / f"jaccard_{label}.png", caveat, vmax=vmax)
+    return plot_relation_jaccard(result, label, out / "figures" / f"jaccard_relations_{label}.png", caveat)
+
+
 def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
     out = Path(args.out)
     caveat = caveat_of(names)
@@ -229,13 +260,13 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
     editing = editing_stage(args, done, arguments(args), notes(args))
     results = {label: d.result for label, d in done.items()}
     summaries = {label: m["interventions"]["summary"] for label, m in per_model.items()}
-    scale = jaccard_scale(d.result for d in done.values())  # one colour scale for every model's Jaccard figure
+    # one colour scale for every model's fact x fact Jaccard figure (those up to FACT_MATRIX_MAX_FACTS facts)
+    scale = jaccard_scale(d.result for d in done.values() if len(d.result.facts) <= FACT_MATRIX_MAX_FACTS)
     figures = {
         "layer_distribution": plot_layer_distribution(results, out / "figures" / "knowledge_neurons_per_layer.png",
                                                       caveat),
         "interventions": plot_interventions(summaries, out / "figures" / "interventions.png", caveat),
-        **{f"jaccard_{label}": plot_jaccard_matrix(d.result, label, out / "figures" / f"jaccard_{label}.png",
-                                                   caveat, vmax=scale)
+        **{_jaccard_key(label, d.result): _jaccard_figure(d.result, label, out, caveat, scale)
            for label, d in done.items()},
     }
     main = next((label for label in (attention or {}).get("models", {}) if attention["models"][label][
@@ -267,6 +298,7 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
         "files": {
             **{f"{label}_knowledge_neurons": f"{label}_knowledge_neurons.json" for label in done},
             **{f"{label}_knowledge_neurons_scores": d.doc["scores_file"] for label, d in done.items()},
+            **{f"{label}_overlap_pairs": d.doc["pairs_file"] for label, d in done.items() if d.doc["pairs_file"]},
             **({"mamba_analysis": "mamba_analysis.json"} if attention else {}),
             "report": "report.md",
             "knowledge_editing": editing.files,
