@@ -1,0 +1,164 @@
+"""Time and memory of everything after attribution at ParaRel size, on invented facts.
+
+For each --facts N the benchmark writes a ParaRel-shaped folder (graphs_json/ and trex_lms_vocab/ side by side,
+--relations relations of --patterns patterns each; subjects, answers and patterns are invented words, no
+ParaRel or T-REx text), reads it back with `sources.pararel.load_pararel`, gives every fact an invented refined
+neuron set (--neurons-per-fact neurons drawn uniformly from --layers x --width, as the issue's measurement did)
+and runs the overlap statistics as the comprehensive mode does: `overlap_statistics` (summaries, relation
+matrix, pair table only up to 300 facts), the sparse pair entries, the permutation test and the bootstrap over
+facts. Each N runs in a fresh process, so its peak RSS is its own; the table gives each stage's seconds and
+the process's peak RSS after it.
+
+The reference in the same run: the pair-list implementation this replaced (tests/overlap_reference.py:
+summaries + permutation test + pair bootstrap) against the new one on --reference-facts facts, and the ratio.
+
+    python benchmarks/bench_scale.py [--facts 1000 3400 27738] [--permutations 1000] [--bootstrap 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from analysis.overlap import overlap_statistics  # noqa: E402
+from analysis.significance import PairJaccard, bootstrap_relation_means, permutation_test  # noqa: E402
+from common.outputs import table  # noqa: E402
+from sources.pararel import load_pararel  # noqa: E402
+
+
+def word(k: int, prefix: str) -> str:
+    """An invented capitalised word for the integer k ("Zorvath"-like, never a real name on purpose)."""
+    syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "xi", "ze", "qu", "ba", "do", "fe", "gu", "hy", "jo"]
+    parts = [syllables[(k >> (4 * i)) % 16] for i in range(4)]
+    return prefix + "".join(parts) + str(k % 7)
+
+
+def write_folder(root: Path, n_facts: int, n_relations: int, n_patterns: int) -> None:
+    """A ParaRel-shaped folder of n_facts invented facts over n_relations relations."""
+    patterns, vocab = root / "graphs_json", root / "trex_lms_vocab"
+    patterns.mkdir(parents=True)
+    vocab.mkdir()
+    for r in range(n_relations):
+        name = f"P{1000 + r}"
+        with open(patterns / f"{name}.jsonl", "w") as f:
+            for k in range(n_patterns):
+                f.write(json.dumps({"pattern": f"[X] {word(r * 97 + k, 'vel').lower()} {word(k, 'tor').lower()} [Y] .",
+                                    "lemma": "x"}) + "\n")
+        with open(vocab / f"{name}.jsonl", "w") as f:
+            for k in range(r, n_facts, n_relations):
+                f.write(json.dumps({"sub_label": word(k, "S"), "obj_label": word(k * 31 + r, "O"),
+                                    "uuid": f"inv-{r}-{k}", "predicate_id": name}) + "\n")
+
+
+def invented_sets(facts, n_neurons: int, n_layers: int, width: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {f.id: frozenset((int(i // width), int(i % width)) for i in rng.choice(n_layers * width, n_neurons,
+                                                                                  replace=False)) for f in facts}
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def one_size(args: argparse.Namespace) -> None:
+    """Runs in the child process: every stage for args.one facts, one JSON line of results on stdout."""
+    stages = []
+
+    def stage(name, fn):
+        start = time.perf_counter()
+        value = fn()
+        stages.append([name, time.perf_counter() - start, peak_mb()])
+        return value
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stage("write ParaRel folder", lambda: write_folder(Path(tmp), args.one, args.relations, args.patterns))
+        facts = stage("load_pararel", lambda: load_pararel(tmp))
+    sets = stage("invent neuron sets", lambda: invented_sets(facts, args.neurons_per_fact, args.layers, args.width))
+    relations = {f.id: f.relation for f in facts}
+    stats = stage("overlap_statistics", lambda: overlap_statistics(sets, relations, args.layers))
+    pairs = stage("sparse pair entries", lambda: PairJaccard.of(sets, relations))
+    perm = stage(f"permutation_test ({args.permutations})",
+                 lambda: permutation_test(sets, relations, args.permutations, 0, pairs=pairs))
+    stage(f"bootstrap over facts ({args.bootstrap})",
+          lambda: bootstrap_relation_means(sets, relations, args.bootstrap, 0, pairs=pairs))
+    size = len(json.dumps(stats, allow_nan=False))
+    print(json.dumps({"facts": len(facts), "prompts": sum(len(f.prompts) for f in facts), "stages": stages,
+                      "nonzero_pairs": int(pairs.upper.nnz), "overlap_json_bytes": size, "p": perm["p_value"]}))
+
+
+def reference_ratio(args: argparse.Namespace) -> list[list]:
+    """Old (pair list) vs new on the same invented sets, seconds each and the ratio."""
+    import overlap_reference as reference
+
+    rng = np.random.default_rng(1)
+    n = args.reference_facts
+    sets = {f"f{k}": frozenset((int(i // args.width), int(i % args.width)) for i in
+                               rng.choice(args.layers * args.width, args.neurons_per_fact, replace=False))
+            for k in range(n)}
+    relations = {f"f{k}": f"P{k % args.relations}" for k in range(n)}
+
+    def old():
+        stats = reference.overlap_statistics(sets, relations, args.layers)
+        reference.permutation_test(sets, relations, args.permutations, 0)
+        for same in (True, False):
+            reference.bootstrap_ci([p["jaccard"] for p in stats["pairs"] if p["same_relation"] == same],
+                                   args.bootstrap, 0)
+
+    def new():
+        overlap_statistics(sets, relations, args.layers, max_pairs_facts=0)
+        pairs = PairJaccard.of(sets, relations)
+        permutation_test(sets, relations, args.permutations, 0, pairs=pairs)
+        bootstrap_relation_means(sets, relations, args.bootstrap, 0, pairs=pairs)
+
+    times = []
+    for fn in (old, new):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return [[n, times[0], times[1], times[0] / times[1]]]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--facts", type=int, nargs="+", default=[1000, 3400, 27738])
+    p.add_argument("--relations", type=int, default=34)
+    p.add_argument("--patterns", type=int, default=9)
+    p.add_argument("--neurons-per-fact", type=int, default=30)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--width", type=int, default=3072)
+    p.add_argument("--permutations", type=int, default=1000)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--reference-facts", type=int, default=300, help="facts of the old-vs-new comparison (default: 300)")
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child process of one size
+    args = p.parse_args()
+    if args.one:
+        one_size(args)
+        return
+    passed = [x for k in ("relations", "patterns", "neurons_per_fact", "layers", "width", "permutations", "bootstrap")
+              for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    for n in args.facts:
+        out = subprocess.run([sys.executable, __file__, *passed, "--one", str(n)], check=True, capture_output=True,
+                             text=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        print(f"\n{result['facts']} facts, {result['prompts']} prompts, {result['nonzero_pairs']} pairs that share "
+              f"a neuron (of {result['facts'] * (result['facts'] - 1) // 2}); overlap JSON "
+              f"{result['overlap_json_bytes'] / 1e6:.2f} MB")
+        print(table(["stage", "seconds", "peak RSS so far (MB)"], result["stages"]))
+    print("\nOld (pair list) vs new (sparse blocks), same invented sets, same permutations and resamples")
+    print(table(["facts", "old (s)", "new (s)", "old / new"], reference_ratio(args)))
+
+
+if __name__ == "__main__":
+    main()
