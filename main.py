@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write every pair of facts' Jaccard and intersection (all layers and per layer) to "
                         "<out>/<label>_overlap_pairs.jsonl.gz, streamed; the JSON holds the pair table only up to "
                         "300 facts. Grows with the square of the facts")
+    s.add_argument("--attention-facts", type=int, default=500, metavar="N",
+                   help="attention and comprehensive: token mixing, hidden attention and token flow on a seeded "
+                        "sample of N facts, all when there are fewer; maps of the first 30 (default: %(default)s)")
     e = p.add_argument_group("knowledge editing (edit; comprehensive adds it to the report)")
     e.add_argument("--edit-rule", default=EditOptions.rule, choices=RULES,
                    help="dai: v <- v - L1 ||v||/||e(old)|| e(old) + L2 ||v||/||e(new)|| e(new) (Dai et al.); "
@@ -114,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="norm_lambda1 / norm_lambda2 of the dai rule (default: 1 8, as Dai et al.)")
     e.add_argument("--erase-top", type=int, default=EditOptions.erase_top, metavar="N",
                    help="erase a relation by zeroing its N most frequent knowledge neurons (default: %(default)s)")
+    e.add_argument("--edit-facts", type=int, default=EditOptions.edit_facts, metavar="N",
+                   help="facts to update: a seeded sample of N facts, all when there are fewer (default: %(default)s)")
+    e.add_argument("--locality-prompts", type=int, default=EditOptions.locality_prompts, metavar="K",
+                   help="other facts' prompts each edit's locality (and each erasure's other-relation change) is "
+                        "measured on: a seeded sample of K, all when there are fewer (default: %(default)s)")
     e.add_argument("--save-edited", metavar="DIR",
                    help="save_pretrained each model with its first edited fact updated to DIR/<label> "
                    "(with edit_info.json); nothing is saved without it")

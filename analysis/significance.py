@@ -60,6 +60,9 @@ class PairJaccard:
         self.upper = _csr(rows, cols, values, self.n)
         self.row_counts = np.diff(self.upper.indptr)
         self.cols = self.upper.indices
+        self._label_type = np.int8 if self.n_relations < 128 else np.int32
+        self._col_labels = np.empty(len(self.cols), self._label_type)
+        self._same = np.empty(len(self.cols), bool)
         self.empty = inc.sizes == 0
         self.total = float(values.sum())
         self.defined = _pairs(self.n) - _pairs(int(self.empty.sum()))
@@ -73,10 +76,12 @@ class PairJaccard:
         return cls(incidence(sets, relations))
 
     def intra_sum(self, labels: np.ndarray) -> float:
-        """Sum of the Jaccard values of the pairs that share a label (labels: (n_facts,) small ints)."""
-        labels = labels.astype(np.int16)
-        same = np.repeat(labels, self.row_counts) == np.take(labels, self.cols, mode="clip")
-        return float(self.upper.data[same].sum())
+        """Sum of the Jaccard values of the pairs that share a label (labels: (n_facts,) relation codes). One pass
+        over the nonzero entries into reused buffers (the permutation test calls it once a relabelling)."""
+        labels = labels.astype(self._label_type)
+        np.take(labels, self.cols, out=self._col_labels, mode="clip")
+        np.equal(np.repeat(labels, self.row_counts), self._col_labels, out=self._same)
+        return float(np.sum(self.upper.data, where=self._same))
 
     def intra_defined(self, labels: np.ndarray) -> float:
         """Number of pairs with the same label and a defined Jaccard."""

@@ -1,5 +1,6 @@
 """What every layer shares: the one user-facing error type (`errors`), turning a prompt and its answer into token
-ids (`tokens`), and writing results atomically with their provenance (`outputs`: JSON, npz, text, console tables).
+ids (`tokens`), writing results atomically with their provenance (`outputs`: JSON, npz, text, console tables),
+and the seeded samples of the stages that would grow with the square of the facts (`sampling`).
 
 The bottom of the import graph: it imports no other package of this project.
 """

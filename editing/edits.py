@@ -43,12 +43,17 @@ class EditOptions:
     erase_top: int = 20  # neurons erased per relation
     random_draws: int = 5  # random-slot control sets per edit
     seed: int = 0
+    edit_facts: int | None = 200  # facts updated: a seeded sample of this many (all when fewer; None: all)
+    locality_prompts: int | None = 2000  # other facts' prompts each edit is measured on (seeded sample; None: all)
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise UserError(f"--edit-rule {self.rule}: choose from {', '.join(RULES)}")
         if self.erase_top < 1 or self.random_draws < 1:
             raise UserError("--erase-top and --random-draws must be positive")
+        if any(n is not None and n < 1 for n in (self.edit_facts, self.locality_prompts)):
+            raise UserError("--edit-facts and --locality-prompts must be positive (0 is not a sample; "
+                            "pass a large number for all)")
 
 
 # ----------------------------------------------------------------------------------------------------------

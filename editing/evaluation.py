@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from analysis.interventions import random_controls
 from analysis.stage import ModelResult
+from common.sampling import sample_indices
 from common.tokens import encode
 from editing.edits import EditOptions, Slot, erase, first_token, new_answers, relation_neurons, restored, update
 from facts import Fact, relations
@@ -117,7 +118,8 @@ DEFINITION = {
     "generalization": "reliability on the held-out second half of the fact's prompts, editing the refined "
     "neurons found from the first half only (same threshold and share; at least 2 prompts)",
     "locality": "share of the other facts' prompts whose top-1 prediction at the answer position is unchanged "
-    "(all other facts; same_relation / other_relations split them)",
+    "(the other facts' prompts of the locality sample, all of them in small runs; same_relation / "
+    "other_relations split them)",
     "perplexity_ratio": "exp(mean NLL per token) after / before on the neutral text set (sources/neutral_text.py); "
     "perplexity_ratio_other_facts: the same over the other facts' answer tokens under teacher forcing",
     "p_new_answer": "mean over the fact's prompts of P(all new-answer tokens) under teacher forcing",
@@ -135,21 +137,38 @@ CONTROLS = ("knowledge_neurons", "random_neurons")
 
 
 class Bench:
-    """The probes every edit is measured on: every prompt of every fact with its answer, and the neutral text."""
+    """The probes every edit is measured on: every prompt of the edited facts with its answer, a seeded sample of
+    `locality_prompts` prompts of the other facts (all when None or more than there are), and the neutral text.
+    The clean scores are of every prompt (one pass, linear in the prompts)."""
 
-    def __init__(self, kn: KnowledgeNeurons, facts: Sequence[Fact], neutral: Sequence[str] = SENTENCES):
+    def __init__(self, kn: KnowledgeNeurons, facts: Sequence[Fact], neutral: Sequence[str] = SENTENCES,
+                 locality_prompts: int | None = None, seed: int = 0):
         self.kn, self.facts = kn, list(facts)
         self.fact_probes = {f.id: [fact_probe(kn.tokenizer, f, p, f.answer) for p in f.prompts] for f in facts}
         self.first = {fid: ps[0].tokens[ps[0].start] for fid, ps in self.fact_probes.items()}  # answer's 1st token
         self.neutral = [Probe(kn.tokenizer(s, add_special_tokens=False)["input_ids"], 1) for s in neutral]
-        self.clean_facts, self.clean_neutral, _ = self.measure()
+        every = [(f.id, k) for f in self.facts for k in range(len(f.prompts))]
+        self.sample: dict[str, list[int]] = {}
+        for i in sample_indices(len(every), locality_prompts, seed, "locality prompts"):
+            self.sample.setdefault(every[i][0], []).append(every[i][1])
+        self.n_prompts, self.n_sampled = len(every), sum(len(v) for v in self.sample.values())
+        self.clean_facts, self.clean_neutral, _ = self.measure(full=[f.id for f in self.facts])
+        self.clean_sampled = {fid: [self.clean_facts[fid][k] for k in ks] for fid, ks in self.sample.items()}
 
-    def measure(self, extra: Sequence[Probe] = ()) -> tuple[dict[str, list[Scored]], list[Scored], list[Scored]]:
-        """(fact id -> scores of its prompts, neutral-text scores, scores of `extra`) with the model as it is."""
-        probes = [p for f in self.facts for p in self.fact_probes[f.id]] + self.neutral + list(extra)
+    def measure(self, extra: Sequence[Probe] = (), full: Sequence[str] = ()) -> tuple[dict[str, list[Scored]],
+                                                                                    list[Scored], list[Scored]]:
+        """(fact id -> scores of its prompts: every prompt of the facts in `full`, the sampled prompts of the
+        others that have some; neutral-text scores; scores of `extra`) with the model as it is."""
+        full = set(full)
+        chosen = {f.id: list(range(len(f.prompts))) if f.id in full else self.sample.get(f.id, []) for f in self.facts}
+        probes = [self.fact_probes[fid][k] for fid, ks in chosen.items() for k in ks] + self.neutral + list(extra)
         scored = iter(score(self.kn, probes))
-        facts = {f.id: [next(scored) for _ in f.prompts] for f in self.facts}
+        facts = {fid: [next(scored) for _ in ks] for fid, ks in chosen.items() if ks}
         return facts, [next(scored) for _ in self.neutral], list(scored)
+
+    def clean(self, fid: str, full: bool) -> list[Scored]:
+        """The clean scores `measure` gives fact `fid` after an edit: all its prompts when full, else the sample."""
+        return self.clean_facts[fid] if full else self.clean_sampled.get(fid, [])
 
 
 def _share(flags: Iterable[bool]) -> float | None:
@@ -176,9 +195,9 @@ def _update_metrics(bench: Bench, fact: Fact, slots: Sequence[Slot], old: int, n
     """Edit, measure everything, restore."""
     with restored(bench.kn.adapter, slots):
         update(bench.kn.adapter, slots, old, new, options)
-        facts_after, neutral_after, new_after = bench.measure(new_probes)
-    clean = bench.clean_facts
-    others = [f for f in bench.facts if f.id != fact.id]
+        facts_after, neutral_after, new_after = bench.measure(new_probes, full=[fact.id])
+    clean = {fid: bench.clean(fid, fid == fact.id) for fid in facts_after}
+    others = [f for f in bench.facts if f.id != fact.id and f.id in facts_after]  # the locality sample
 
     def unchanged(group):
         return _share(bool(a.top1[0] == b.top1[0]) for f in group
@@ -256,8 +275,8 @@ def erase_relation(bench: Bench, relation: str, refined: dict[str, Sequence[Neur
     def metrics(chosen: Sequence[Slot]) -> dict:
         with restored(bench.kn.adapter, chosen):
             erase(bench.kn.adapter, chosen)
-            after, neutral_after, _ = bench.measure()
-        clean = bench.clean_facts
+            after, neutral_after, _ = bench.measure(full=ids)
+        clean = {fid: bench.clean(fid, fid in ids) for fid in after}
 
         def change(group):
             return _mean(_rel_change(after[fid], clean[fid]) for fid in group)
@@ -265,7 +284,7 @@ def erase_relation(bench: Bench, relation: str, refined: dict[str, Sequence[Neur
         def accuracy(scores, group):
             return _share(bool(s.top1[0] == bench.first[fid]) for fid in group for s in scores[fid])
 
-        others = [f.id for f in bench.facts if f.relation != relation]
+        others = [f.id for f in bench.facts if f.relation != relation and f.id in after]  # the locality sample
         return {
             "relation_p_change": change(ids), "other_relations_p_change": change(others),
             "perplexity_ratio": perplexity_ratio(neutral_after, bench.clean_neutral),
@@ -285,10 +304,11 @@ def run_editing(kn: KnowledgeNeurons, result: ModelResult, options: EditOptions,
     progress bar (default: the folder name). The model's weights are the same, bit for bit, afterwards."""
     facts = [r.fact for r in result.facts]
     o = result.options
-    bench = Bench(kn, facts, neutral)
+    bench = Bench(kn, facts, neutral, options.locality_prompts, options.seed)
     answers = new_answers(facts, kn.tokenizer)
     per_fact = []
-    for r in tqdm(result.facts, desc=f"editing {label or Path(result.name).name}", unit="fact", disable=not progress):
+    edited = [result.facts[i] for i in sample_indices(len(facts), options.edit_facts, options.seed, "edit facts")]
+    for r in tqdm(edited, desc=f"editing {label or Path(result.name).name}", unit="fact", disable=not progress):
         fact = r.fact
         neurons = result.refined[fact.id]
         if not neurons or answers[fact.id] is None:
@@ -308,6 +328,15 @@ def run_editing(kn: KnowledgeNeurons, result: ModelResult, options: EditOptions,
         "erase": {"per_relation": erased},
         "summary": _summary(per_fact, erased),
         "details": _details(per_fact, erased),
+        "sampling": {
+            "facts": len(facts), "facts_updated": len(edited), "edit_facts": options.edit_facts,
+            "prompts": bench.n_prompts, "locality_prompts_measured": bench.n_sampled,
+            "locality_prompts": options.locality_prompts, "seed": options.seed,
+            "method": "facts to update and other facts' prompts for locality (and the other-relation metrics of "
+                      "erasing) are seeded samples without replacement, in table order; all of them when the "
+                      "option is at least their number. The edited fact's (or erased relation's) own prompts are "
+                      "always measured in full",
+        },
     }
 
 

@@ -46,7 +46,8 @@ class Editing:
 
 def edit_options_from(args: argparse.Namespace) -> EditOptions:
     return EditOptions(rule=args.edit_rule, norm_lambda1=args.edit_lambdas[0], norm_lambda2=args.edit_lambdas[1],
-                       erase_top=args.erase_top, random_draws=args.random_draws, seed=args.seed)
+                       erase_top=args.erase_top, random_draws=args.random_draws, seed=args.seed,
+                       edit_facts=args.edit_facts, locality_prompts=args.locality_prompts)
 
 
 def is_demo_model(name: str) -> bool:
@@ -182,6 +183,12 @@ def plot_editing(docs: Mapping[str, dict], path: Path, demo: bool) -> Path:
     return save(fig, path)
 
 
+def _sampling(label: str, s: dict) -> str:
+    return (f"{label}: {s['facts_updated']} of {s['facts']} facts updated (--edit-facts {s['edit_facts']}), "
+            f"locality on {s['locality_prompts_measured']} of {s['prompts']} prompts (--locality-prompts "
+            f"{s['locality_prompts']}), seed {s['seed']}")
+
+
 def editing_report(editing: Editing) -> str:
     """The Markdown section `comprehensive` appends to report.md."""
     first = next(iter(editing.docs.values()))
@@ -200,6 +207,8 @@ def editing_report(editing: Editing) -> str:
         + ", ".join(f"`{f}`" for f in editing.files.values())
         + (". Demo models: tiny models trained only on the fact table, so their perplexity on the neutral text "
            "is very high to begin with." if editing.demo else "."),
+        "",
+        "Sampled: " + "; ".join(_sampling(k, d["sampling"]) for k, d in editing.docs.items()) + ".",
         "",
         f"![knowledge editing]({editing.figure})",
         "",

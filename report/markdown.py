@@ -157,6 +157,13 @@ def comprehensive_report(doc: dict, results: dict[str, ModelResult], per_model: 
     return "\n".join(lines)
 
 
+def _attention_sample(s: dict) -> str:
+    if s["facts_analysed"] == s["facts"]:
+        return f"All {s['facts']} facts are analysed; hidden-attention maps of {s['hidden_attention_figures']}."
+    return (f"Sampled: {s['facts_analysed']} of {s['facts']} facts (--attention-facts {s['attention_facts']}, seed "
+            f"{s['seed']}, without replacement); hidden-attention maps of the first {s['hidden_attention_figures']}.")
+
+
 def _attention_section(attention: dict, figs: dict) -> list[str]:
     """Where the state-space models' knowledge neurons read from, and every model's token mixing."""
     flows = figs.get("subject_flow_by_model", {})
@@ -168,6 +175,8 @@ def _attention_section(attention: dict, figs: dict) -> list[str]:
         "|contributions| over all |contributions|); the signed shares are in the JSON. Each model's token mixing "
         "from the answer position (hidden attention over all units, or a transformer's head-averaged attention) "
         "is shown beside them.",
+        "",
+        _attention_sample(attention["sampling"]),
         "",
         *_bullets([line for label, entry in attention["models"].items()
                    for line in findings.attention(label, entry)]),

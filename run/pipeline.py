@@ -23,6 +23,7 @@ from analysis.stage import (
 from attention_neurons import mamba_attention_analysis, subject_mixing
 from common.errors import UserError
 from common.outputs import versions, write_json, write_text
+from common.sampling import sample_indices
 from editing.stage import editing_report, editing_stage, editing_table
 from facts import Fact
 from knowledge_neurons import KnowledgeNeurons
@@ -42,6 +43,8 @@ from report.markdown import attention_table, comprehensive_report, demo_caveat, 
 from run import distributed
 
 log = logging.getLogger(__name__)
+
+ATTENTION_FIGURES = 30  # hidden-attention maps drawn, of the facts the attention stage analyses
 
 
 NOT_OPTIONS = ("quiet", "warnings", "dropped_relations")  # attributes main.py adds to the parsed options
@@ -162,6 +165,9 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
     """
     out, caveat = Path(args.out), caveat_of(names)
     ssm = state_space_labels(names)
+    every = facts
+    facts = [every[i] for i in sample_indices(len(every), args.attention_facts, args.seed, "attention facts")]
+    drawn = facts[:ATTENTION_FIGURES]
     models, maps, flows = {}, [], {}
     for label, name in names.items():
         kn = done[label].kn if label in done else KnowledgeNeurons(*load_model(name, args.device))
@@ -172,7 +178,7 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
                                                                  done[label].result.refined, progress=not args.quiet,
                                                                  label=label)
             first = label == ssm[0]  # the first keeps the file names of the default pair
-            maps += _attention_figures(kn.model, kn.tokenizer, facts, out / "figures",
+            maps += _attention_figures(kn.model, kn.tokenizer, drawn, out / "figures",
                                        "hidden_attention_" if first else f"hidden_attention_{label}_", kn.n_layers,
                                        caveat, named(label, entry["architecture"]))
         models[label] = entry
@@ -197,6 +203,13 @@ def attention_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
         "hidden_attention": models[ssm[0]]["hidden_attention"] if ssm else None,
         "gpt2_attention": beside,
         "models": models,
+        "sampling": {
+            "facts": len(every), "facts_analysed": len(facts), "attention_facts": args.attention_facts,
+            "seed": args.seed, "hidden_attention_figures": len(drawn),
+            "method": "token mixing, hidden attention and token flow on a seeded sample of --attention-facts facts "
+                      f"without replacement, in table order (all when fewer); hidden-attention maps of the first "
+                      f"{ATTENTION_FIGURES} of them",
+        },
         "figures": {
             "hidden_attention": [str(f.relative_to(out)) for f in maps],
             **({"subject_flow": str(flows[ssm[0]].relative_to(out))} if ssm else {}),

@@ -55,6 +55,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "permutations": (lambda v: v >= 1, "an integer >= 1"),
     "bootstrap": (lambda v: v >= 1, "an integer >= 1"),
     "erase_top": (lambda v: v >= 1, "an integer >= 1"),
+    "edit_facts": (_given(lambda v: v >= 1), "an integer >= 1 (a sample size; a large number for all facts)"),
+    "locality_prompts": (_given(lambda v: v >= 1), "an integer >= 1 (a sample size; a large number for all prompts)"),
+    "attention_facts": (lambda v: v >= 1, "an integer >= 1 (a sample size; a large number for all facts)"),
     "edit_lambdas": (lambda v: all(math.isfinite(x) and x >= 0 for x in v),
                      "two finite numbers >= 0 (a negative lambda inverts the edit)"),
 }
@@ -63,6 +66,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 USED_IN: dict[str, tuple[str, ...]] = {
     "random_draws": EDITING, "permutations": ("comprehensive",), "bootstrap": ("comprehensive",),
     "edit_rule": EDITING, "edit_lambdas": EDITING, "erase_top": EDITING, "save_edited": EDITING,
+    "edit_facts": EDITING, "locality_prompts": EDITING, "attention_facts": ("attention", "comprehensive"),
 }
 
 

@@ -13,6 +13,7 @@ import torch
 from analysis.interventions import edited_answer_probability
 from analysis.stage import FactCache, Options, find_knowledge_neurons
 from common.errors import UserError
+from common.sampling import sample_indices
 from editing.edits import EditOptions, erase, new_answers, relation_neurons, restored, update
 from editing.evaluation import Probe, Scored, fact_probe, perplexity, perplexity_ratio, run_editing, score
 from facts import FACTS, Fact, relations
@@ -245,3 +246,36 @@ def test_edit_mode_end_to_end(demo_models, tmp_path, capsys):
         for layer in range(ad_edit.n_layers):
             differs = (ad_edit.value_slots(layer) != ad_orig.value_slots(layer)).any(-1)
             assert {(layer, int(i)) for i in torch.nonzero(differs)} == {s for s in slots if s[0] == layer}
+
+
+def test_sampled_editing_measures_the_sample_and_records_it(demo_editing):
+    arch, kn, _, full = demo_editing
+    result = find_knowledge_neurons(kn, SUBSET, Options(steps=10), arch, progress=False)
+    doc = run_editing(kn, result, EditOptions(random_draws=2, edit_facts=2, locality_prompts=3), progress=False,
+                      neutral=SENTENCES[:5])
+    s = doc["sampling"]
+    assert (s["facts"], s["facts_updated"], s["locality_prompts_measured"]) == (len(SUBSET), 2, 3)
+    assert s["prompts"] == sum(len(f.prompts) for f in SUBSET)
+    chosen = [SUBSET[i].id for i in sample_indices(len(SUBSET), 2, 0, "edit facts")]
+    assert [r["fact"] for r in doc["update"]["per_fact"]] == chosen
+    every = {r["fact"]: r for r in full["update"]["per_fact"]}
+    assert full["sampling"]["facts_updated"] == len(SUBSET)  # the defaults keep a small run whole
+    for row in doc["update"]["per_fact"]:
+        if "skipped" in row:
+            continue
+        own, whole = row["knowledge_neurons"], every[row["fact"]]["knowledge_neurons"]
+        # what the sample does not touch is the full run's value; locality is a share of at most 3 prompts
+        assert own["reliability"] == whole["reliability"]
+        assert own["p_new_answer_after"] == pytest.approx(whole["p_new_answer_after"], rel=1e-5)
+        assert any(abs(own["locality"] * m - round(own["locality"] * m)) < 1e-9 for m in (1, 2, 3))
+
+
+def test_sample_indices_are_seeded_sorted_and_whole_when_small():
+    assert sample_indices(5, None, 0, "x").tolist() == [0, 1, 2, 3, 4]
+    assert sample_indices(5, 9, 0, "x").tolist() == [0, 1, 2, 3, 4]
+    drawn = sample_indices(1000, 10, 3, "x")
+    assert len(set(drawn.tolist())) == 10 and drawn.tolist() == sorted(drawn.tolist())
+    assert drawn.tolist() == sample_indices(1000, 10, 3, "x").tolist()
+    assert drawn.tolist() != sample_indices(1000, 10, 3, "y").tolist()
+    with pytest.raises(UserError, match="--edit-facts"):
+        EditOptions(edit_facts=0)

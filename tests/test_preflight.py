@@ -121,3 +121,12 @@ def test_the_builtin_facts_fit_gpt2(tiny_gpt2, tiny_mamba, tmp_path, stages):
     assert len(FACTS) > 20
     assert main(["knowledge", *_models(tiny_gpt2, tiny_mamba), "--out", str(tmp_path), "-q"]) == 0
     assert stages == ["knowledge"]
+
+
+@pytest.mark.parametrize(("option", "text"), [
+    ("--attention-facts", "--attention-facts 0: must be an integer >= 1 (a sample size"),
+    ("--edit-facts", "--edit-facts 0: must be an integer >= 1 (a sample size"),
+    ("--locality-prompts", "--locality-prompts 0: must be an integer >= 1 (a sample size"),
+])
+def test_sample_sizes_must_be_positive(option, text, tmp_path, capsys, stages):
+    assert text in _run(capsys, stages, "comprehensive", option, "0", "--out", str(tmp_path))

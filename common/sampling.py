@@ -1,0 +1,16 @@
+"""Seeded samples of the later stages that would otherwise grow with the square of the facts (editing, attention):
+which items are used is a function of (seed, the stage's name, how many there are, how many are asked for) only."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+
+def sample_indices(n: int, k: int | None, seed: int, name: str) -> np.ndarray:
+    """Sorted indices of a seeded sample of k of range(n) without replacement (all of them when k is None or at
+    least n). `name` gives each stage its own draws."""
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, zlib.crc32(name.encode())]).choice(n, k, replace=False))
