@@ -196,6 +196,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[Fact], dict[str, str]]:
     distributed.init(args.device)  # under torchrun: join the other ranks
     torch.manual_seed(args.seed)
     facts = load_facts_option(args)
+    preflight.check_demo(args, facts)
     if args.demo and args.models is not None:  # the architectures are known before the demo models are built
         from models.demo import demo_architecture
 

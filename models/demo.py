@@ -44,6 +44,9 @@ from models import load_model, quiet_kernel_advice
 log = logging.getLogger(__name__)
 
 MIN_ACCURACY = 0.9
+# The demo models (4 layers x 64, a 600-token vocabulary, 50-120 full-batch steps) are sized for a fact table of
+# tens of facts (the built-in one has 29); far beyond this they train long and miss MIN_ACCURACY, so --demo stops.
+DEMO_MAX_FACTS = 200
 INFO_FILE = "demo_info.json"
 ENV_CACHE = "KN_DEMO_CACHE"
 FORMAT_VERSION = 1  # bump when the training code changes in a way the settings do not show

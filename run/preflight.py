@@ -160,6 +160,17 @@ def check_save_edited(folder: str | Path, names: Mapping[str, str], facts: Seque
                             "token), so no edited model could be saved")
 
 
+def check_demo(args: argparse.Namespace, facts: Sequence[Fact]) -> None:
+    """--demo trains its models on the facts themselves: only on a table of the size the demo models are made for."""
+    from models.demo import DEMO_MAX_FACTS
+
+    if args.demo and len(facts) > DEMO_MAX_FACTS:
+        raise UserError(f"--demo trains tiny models on the facts themselves, made for up to {DEMO_MAX_FACTS} facts; "
+                        f"these are {len(facts)} (training would be long and miss the accuracy check). Select fewer "
+                        "(--relations, --max-facts-per-relation) or pass real models (--gpt2-model, --mamba-model, "
+                        "--models)")
+
+
 def check_context(option: str, name: str, limit: int, tokenizer, facts: Sequence[Fact],
                   baseline_prompt: str | None = None) -> None:
     """Every fact prompt, with its answer tokens as teacher forcing feeds them, fits in `limit` positions."""

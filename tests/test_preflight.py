@@ -130,3 +130,12 @@ def test_the_builtin_facts_fit_gpt2(tiny_gpt2, tiny_mamba, tmp_path, stages):
 ])
 def test_sample_sizes_must_be_positive(option, text, tmp_path, capsys, stages):
     assert text in _run(capsys, stages, "comprehensive", option, "0", "--out", str(tmp_path))
+
+
+def test_demo_with_too_many_facts_stops_before_training(tmp_path, capsys, stages, monkeypatch):
+    from models import demo
+
+    monkeypatch.setattr(demo, "DEMO_MAX_FACTS", 3)
+    monkeypatch.setattr(demo, "ensure_demo_models", lambda *a, **k: pytest.fail("trained a demo model"))
+    err = _run(capsys, stages, "knowledge", "--demo", "--out", str(tmp_path))
+    assert f"made for up to 3 facts; these are {len(FACTS)}" in err and "--max-facts-per-relation" in err
