@@ -13,6 +13,12 @@ The reference in the same run: the pair-list implementation this replaced (tests
 summaries + permutation test + pair bootstrap) against the new one on --reference-facts facts, and the ratio.
 
     python benchmarks/bench_scale.py [--facts 1000 3400 27738] [--permutations 1000] [--bootstrap 1000]
+
+--knowledge N instead times the whole `main.py knowledge` run on N invented facts with tiny random GPT-2 and
+Mamba (3 layers x width 32, GPT-2's 50,257-token vocabulary, --max-prompts-per-fact 2, --steps 5): wall time,
+the run's peak RSS, the sizes of the JSON and npz files.
+
+    python benchmarks/bench_scale.py --knowledge 340
 """
 
 from __future__ import annotations
@@ -130,6 +136,55 @@ def reference_ratio(args: argparse.Namespace) -> list[list]:
     return [[n, times[0], times[1], times[0] / times[1]]]
 
 
+VOCAB = 50257  # GPT-2's
+
+
+def tiny_models(folder: Path, facts_dir: Path) -> dict[str, Path]:
+    """Random GPT-2 and Mamba of 3 layers x width 32 with GPT-2's vocabulary size: a word-level tokenizer over
+    the folder's words, padded with unused tokens to VOCAB entries."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
+
+    split = pre_tokenizers.Whitespace()
+    words = set()
+    for file in facts_dir.rglob("*.jsonl"):
+        for line in file.read_text().splitlines():
+            words.update(w for value in json.loads(line).values() if isinstance(value, str)
+                         for w, _ in split.pre_tokenize_str(value))
+    words = sorted(words)
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    vocab.update({f"<unused{k}>": k for k in range(len(vocab), VOCAB)})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = split
+    built = {"gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_layer=3, n_embd=32, n_head=2, n_positions=64)),
+             "mamba": MambaForCausalLM(MambaConfig(vocab_size=VOCAB, num_hidden_layers=3, hidden_size=32,
+                                                   intermediate_size=64, state_size=8))}
+    out = {}
+    for arch, model in built.items():
+        out[arch] = folder / arch
+        model.save_pretrained(out[arch])
+        PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(out[arch])
+    return out
+
+
+def knowledge_mode(args: argparse.Namespace) -> list:
+    """`main.py knowledge` on the invented folder of args.knowledge facts with the tiny models: wall time, the
+    child's peak RSS and the JSON sizes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_folder(root / "pararel", args.knowledge, args.relations, args.patterns)
+        models = tiny_models(root / "models", root / "pararel")
+        command = [sys.executable, str(ROOT / "main.py"), "knowledge", "--facts", str(root / "pararel"),
+                   "--gpt2-model", str(models["gpt2"]), "--mamba-model", str(models["mamba"]), "--max-prompts-per-fact",
+                   "2", "--steps", str(args.steps), "--out", str(root / "out"), "--fresh", "-q", "--device", "cpu"]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        sizes = {p.name: p.stat().st_size / 1e6 for p in (root / "out").glob("*_knowledge_neurons.*")}
+    return [[args.knowledge, args.steps, seconds, peak, ", ".join(f"{k} {v:.1f} MB" for k, v in sorted(sizes.items()))]]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--facts", type=int, nargs="+", default=[1000, 3400, 27738])
@@ -141,10 +196,17 @@ def main() -> None:
     p.add_argument("--permutations", type=int, default=1000)
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--reference-facts", type=int, default=300, help="facts of the old-vs-new comparison (default: 300)")
+    p.add_argument("--knowledge", type=int, metavar="N",
+                   help="instead: time `main.py knowledge` on N invented facts with tiny random GPT-2 and Mamba "
+                        "(3 layers x 32, GPT-2's vocabulary), --max-prompts-per-fact 2")
+    p.add_argument("--steps", type=int, default=5, help="integration steps of --knowledge (default: 5)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child process of one size
     args = p.parse_args()
     if args.one:
         one_size(args)
+        return
+    if args.knowledge:
+        print(table(["facts", "steps", "seconds", "peak RSS (MB)", "files"], knowledge_mode(args)))
         return
     passed = [x for k in ("relations", "patterns", "neurons_per_fact", "layers", "width", "permutations", "bootstrap")
               for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
