@@ -151,7 +151,8 @@ def test_comprehensive_mode(demo_models, tmp_path, capsys, caplog, monkeypatch):
     assert "centres on `mamba`" in report
     assert "- **Warning.** gpt2: integrated gradients have not converged at 8 steps" in report
     assert "behaves sensibly" not in report
-    assert "permutation test of intra > inter (50 relabellings, seed 0): p" in report
+    assert "permutation test of intra > inter (50 relabellings of the facts, seed 0): p" in report
+    assert "bootstrap CI from 50 resamples of the facts within each relation" in report
     assert "tiny demo models trained on these very facts" in caplog.text  # and the console says so
     console = capsys.readouterr()
     assert "Interventions" in console.out
