@@ -174,15 +174,21 @@ def knowledge_mode(args: argparse.Namespace) -> list:
         root = Path(tmp)
         write_folder(root / "pararel", args.knowledge, args.relations, args.patterns)
         models = tiny_models(root / "models", root / "pararel")
-        command = [sys.executable, str(ROOT / "main.py"), "knowledge", "--facts", str(root / "pararel"),
+        command = [sys.executable, str(ROOT / "main.py"), args.mode, "--facts", str(root / "pararel"),
                    "--gpt2-model", str(models["gpt2"]), "--mamba-model", str(models["mamba"]), "--max-prompts-per-fact",
                    "2", "--steps", str(args.steps), "--out", str(root / "out"), "--fresh", "-q", "--device", "cpu"]
         start = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True)
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        sizes = {p.name: p.stat().st_size / 1e6 for p in (root / "out").glob("*_knowledge_neurons.*")}
-    return [[args.knowledge, args.steps, seconds, peak, ", ".join(f"{k} {v:.1f} MB" for k, v in sorted(sizes.items()))]]
+        sizes = {p.name: p.stat().st_size / 1e6 for p in (root / "out").glob("*.json")}
+        sizes |= {p.name: p.stat().st_size / 1e6 for p in (root / "out").glob("*.npz")}
+        if args.mode == "comprehensive":
+            from matplotlib.image import imread
+
+            sides = [max(imread(f).shape[:2]) for f in (root / "out" / "figures").glob("*.png")]
+            sizes["largest figure side (px)"] = max(sides)
+    return [[args.knowledge, args.steps, seconds, peak, ", ".join(f"{k} {v:.1f}" for k, v in sorted(sizes.items()))]]
 
 
 def main() -> None:
@@ -199,6 +205,8 @@ def main() -> None:
     p.add_argument("--knowledge", type=int, metavar="N",
                    help="instead: time `main.py knowledge` on N invented facts with tiny random GPT-2 and Mamba "
                         "(3 layers x 32, GPT-2's vocabulary), --max-prompts-per-fact 2")
+    p.add_argument("--mode", default="knowledge", choices=("knowledge", "comprehensive"),
+                   help="the main.py mode --knowledge runs (default: knowledge)")
     p.add_argument("--steps", type=int, default=5, help="integration steps of --knowledge (default: 5)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child process of one size
     args = p.parse_args()
@@ -206,7 +214,8 @@ def main() -> None:
         one_size(args)
         return
     if args.knowledge:
-        print(table(["facts", "steps", "seconds", "peak RSS (MB)", "files"], knowledge_mode(args)))
+        headers = ["facts", "steps", "seconds", "peak RSS (MB)", "files (MB; largest figure side in px)"]
+        print(table(headers, knowledge_mode(args)))
         return
     passed = [x for k in ("relations", "patterns", "neurons_per_fact", "layers", "width", "permutations", "bootstrap")
               for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
