@@ -44,7 +44,7 @@ def test_console_table_has_one_row_a_relation_above_the_limit():
 def test_relation_figure_above_the_fact_limit_and_within_the_pixel_limit(tmp_path):
     small, large = _result(20, 3), _result(150, 60)
     assert _jaccard_key("gpt2", small) == "jaccard_gpt2" and _jaccard_key("gpt2", large) == "jaccard_relations_gpt2"
-    assert _jaccard_figure(large, "GPT-2", tmp_path, "gpt2", None).name == "jaccard_relations_gpt2.png"
+    assert _jaccard_figure(large, "gpt2", tmp_path, None, None).name == "jaccard_relations_gpt2.png"
     many = _result(400, 200)
     image = imread(plot_relation_jaccard(many, "GPT-2", tmp_path / "many.png"))
     assert max(image.shape[:2]) <= MAX_PIXELS
