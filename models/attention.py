@@ -49,16 +49,21 @@ def _with_own_prompt(equation: str, rows: Tensor, state_tensor: Tensor, index: T
     return torch.einsum(f"pm{a},p{b}->pm{out}", per_prompt, state_tensor).flatten(0, 1)[inverse]
 
 
-def last_position_weights(q: Tensor, k_self: Tensor, state: KV, index: Tensor, scale: float) -> Tensor:
+def last_position_weights(q: Tensor, k_self: Tensor, state: KV, index: Tensor, scale: float,
+                          blocked: Tensor | None = None) -> Tensor:
     """Softmax weights of the last position over [its prompt's prefix..., itself]: (rows, heads, T_max + 1).
 
     q, k_self: (rows, heads, head_dim); index: (rows,) the prompt of each row; padded positions weigh 0. Each
-    row's scores are against its own prompt's keys only (see `_with_own_prompt`).
+    row's scores are against its own prompt's keys only (see `_with_own_prompt`). blocked: (rows, T_max + 1)
+    bool, edges the last position may not read (attention knockout, Geva et al. 2023: their scores are -inf).
     """
     scores_prefix = _with_own_prompt("hd,htd->ht", q, state.k, index)  # (rows, heads, T_max)
     scores_prefix = scores_prefix.masked_fill(~state.valid[index][:, None, :], -torch.inf)
     scores_self = (q * k_self).sum(-1, keepdim=True)  # (rows, heads, 1)
-    return (torch.cat([scores_prefix, scores_self], dim=-1) * scale).softmax(dim=-1)
+    scores = torch.cat([scores_prefix, scores_self], dim=-1) * scale
+    if blocked is not None:
+        scores = scores.masked_fill(blocked[:, None, :], -torch.inf)
+    return scores.softmax(dim=-1)
 
 
 def attend(weights: Tensor, v_self: Tensor, state: KV, index: Tensor) -> Tensor:
@@ -106,8 +111,15 @@ class TransformerAdapter(Adapter):
                 rows.append(last_position_weights(q, k, state, index, self._scaling(layer))[0])
         return torch.stack(rows)
 
-    def _attend(self, layer: int, h: Tensor, state: KV, index: Tensor) -> Tensor:
-        """(rows, d_model) block inputs at the last position -> (rows, heads * head_dim) attention output."""
+    def knockout_output(self, layer: int, x: Tensor, blocked: Tensor) -> Tensor:
+        state = self.layer_states(layer, x[None], torch.tensor([len(x) - 1], device=x.device))
+        index = torch.zeros(1, dtype=torch.long, device=x.device)
+        resid, acts = self.pre_neurons(layer, x[-1:], state, index, blocked=blocked[None])
+        return (resid + self.project(layer, acts))[0]
+
+    def _attend(self, layer: int, h: Tensor, state: KV, index: Tensor, blocked: Tensor | None = None) -> Tensor:
+        """(rows, d_model) block inputs at the last position -> (rows, heads * head_dim) attention output;
+        blocked: (rows, T_max + 1) edges masked out (see `last_position_weights`)."""
         q, k, v = self._qkv(layer, h, state.position[index])
-        w = last_position_weights(q, k, state, index, self._scaling(layer))  # (rows, heads, T_max + 1)
+        w = last_position_weights(q, k, state, index, self._scaling(layer), blocked)  # (rows, heads, T_max + 1)
         return attend(w, v, state, index).reshape(len(h), -1)

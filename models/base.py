@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from models.head import TargetProbability
 
@@ -84,6 +85,52 @@ class Adapter:
         input_ids: (T,). A transformer's attention weights, a state-space model's hidden attention.
         """
         raise NotImplementedError
+
+    def mixing_module(self, layer: int) -> nn.Module:
+        """The module whose output is the token-mixing site of causal tracing (a transformer's attention)."""
+        raise NotImplementedError
+
+    def knockout_output(self, layer: int, x: Tensor, blocked: Tensor) -> Tensor:
+        """Block `layer`'s output at the last position when the last position may not read `blocked` positions.
+
+        x: (T, d_model) the block inputs of the whole prompt; blocked: (T,) bool. With nothing blocked this is
+        the block's own output at T - 1; blocking edits only the last position's token mixing (attention edges,
+        hidden-attention terms), so the positions before it are untouched.
+        """
+        raise NotImplementedError
+
+    # --- causal tracing: the three restoration sites -------------------------------------------------------
+    def site_module(self, layer: int, site: str) -> nn.Module:
+        """The module whose output is `site` of `layer`: "residual" the block, "kn_site" the knowledge-neuron
+        projection, "token_mixing" `mixing_module`."""
+        if site == "residual":
+            return self.layers[layer]
+        if site == "kn_site":
+            return self.neuron_module(layer)
+        if site == "token_mixing":
+            return self.mixing_module(layer)
+        raise ValueError(f"unknown site {site!r}")
+
+    def record_hooks(self, layer: int, site: str, store: list[Tensor]) -> list[RemovableHandle]:
+        """Hooks that append the value of `site` at `layer`, (batch, T, d_site), to `store` in every forward."""
+
+        def hook(module, args, output):
+            store.append((output[0] if isinstance(output, tuple) else output).detach())
+
+        return [self.site_module(layer, site).register_forward_hook(hook)]
+
+    def restore_hooks(self, layer: int, site: str, rows: Tensor, positions: Tensor,
+                      clean: Tensor) -> list[RemovableHandle]:
+        """Hooks that replace the value of `site` at `layer` in batch row rows[i], position positions[i] by
+        clean[i] (n, d_site) in every forward; everything after is computed from it."""
+
+        def hook(module, args, output):
+            value = output[0] if isinstance(output, tuple) else output
+            value = value.clone()
+            value[rows, positions] = clean.to(value.dtype)
+            return (value, *output[1:]) if isinstance(output, tuple) else value
+
+        return [self.site_module(layer, site).register_forward_hook(hook)]
 
     # --- shared --------------------------------------------------------------------------------------------
     @classmethod

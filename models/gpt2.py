@@ -45,9 +45,13 @@ class GPT2Adapter(TransformerAdapter):
         q, k, v = block.attn.c_attn(block.ln_1(x)).split(self.model.config.n_embd, dim=-1)
         return (t.view(-1, self.n_heads, self.head_dim) for t in (q, k, v))
 
-    def pre_neurons(self, layer: int, h: Tensor, state: KV, index: Tensor) -> tuple[Tensor, Tensor]:
+    def mixing_module(self, layer: int) -> nn.Module:
+        return self.layers[layer].attn
+
+    def pre_neurons(self, layer: int, h: Tensor, state: KV, index: Tensor,
+                    blocked: Tensor | None = None) -> tuple[Tensor, Tensor]:
         block = self.layers[layer]
-        m = h + block.attn.c_proj(self._attend(layer, h, state, index))
+        m = h + block.attn.c_proj(self._attend(layer, h, state, index, blocked))
         return m, self._activation(block.mlp.act, block.mlp.c_fc(block.ln_2(m)))
 
     @staticmethod

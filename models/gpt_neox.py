@@ -56,8 +56,12 @@ class GPTNeoXAdapter(TransformerAdapter):
     def _scaling(self, layer: int) -> float:
         return self.head_dim**-0.5
 
-    def pre_neurons(self, layer: int, h: Tensor, state: KV, index: Tensor) -> tuple[Tensor, Tensor]:
+    def mixing_module(self, layer: int) -> nn.Module:
+        return self.layers[layer].attention
+
+    def pre_neurons(self, layer: int, h: Tensor, state: KV, index: Tensor,
+                    blocked: Tensor | None = None) -> tuple[Tensor, Tensor]:
         block = self.layers[layer]
-        m = h + block.attention.dense(self._attend(layer, h, state, index))
+        m = h + block.attention.dense(self._attend(layer, h, state, index, blocked))
         mlp_in = block.post_attention_layernorm(h if self.model.config.use_parallel_residual else m)
         return m, block.mlp.act(block.mlp.dense_h_to_4h(mlp_in))

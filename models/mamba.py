@@ -44,6 +44,9 @@ class MambaAdapter(SSMAdapter):
     def neuron_factor(self, layer: int, y: Tensor, z: Tensor) -> Tensor:
         return F.silu(z)
 
+    def gate_of(self, layer: int, projected: Tensor) -> Tensor:
+        return projected.chunk(2, dim=-1)[1]  # in_proj(norm(x)) = [x, z]
+
     def _split(self, mixer: nn.Module, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u: (n, d_inner) -> Delta (n, d_inner), B (n, d_state), C (n, d_state)."""
         rank, n = mixer.time_step_rank, mixer.ssm_state_size

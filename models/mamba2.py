@@ -57,6 +57,10 @@ class Mamba2Adapter(SSMAdapter):
         scale = torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)  # one number a group
         return norm.weight * F.silu(z) * scale.expand_as(groups).flatten(-2)
 
+    def gate_of(self, layer: int, projected: Tensor) -> Tensor:
+        mixer = self.layers[layer].mixer
+        return projected.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], -1)[0]
+
     def _in_proj(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: (n, d_model) block inputs -> z (n, d_inner), xBC (n, conv_dim), dt (n, heads) before the bias."""
         block = self.layers[layer]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from models.base import Adapter
 
@@ -52,6 +53,21 @@ class SSMInputs:
         """(c,) the B / C group of some decay units (units are split evenly over the groups, in order)."""
         H, G = self.dt.shape[-1], self.B.shape[-2]
         return (torch.arange(H, device=self.dt.device) // (H // G))[units]
+
+    def channel_units(self) -> Tensor:
+        """(d_inner,) the decay unit of every channel."""
+        return torch.arange(self.u.shape[-1], device=self.u.device) // (self.u.shape[-1] // self.dt.shape[-1])
+
+    def output(self) -> Tensor:
+        """(T, d_inner) the scan output y at every position, by the recurrence of the module docstring."""
+        unit = self.channel_units()
+        dt, A, B, C = self.dt[:, unit], self.A[unit], self.B[:, self.group(unit)], self.C[:, self.group(unit)]
+        h = self.u.new_zeros(B.shape[1:])  # (d_inner, d_state)
+        ys = []
+        for t in range(len(self.u)):
+            h = torch.exp(dt[t, :, None] * A) * h + dt[t, :, None] * B[t] * self.u[t, :, None]
+            ys.append((C[t] * h).sum(-1))
+        return torch.stack(ys) + self.D[unit] * self.u
 
     def alpha_last(self, units: slice | Tensor) -> Tensor:
         """The last row alpha_{T-1, j} of the hidden attention (Ali et al. 2024) of some decay units: (c, T).
@@ -138,6 +154,52 @@ class SSMAdapter(Adapter):
         rows = [self.ssm_inputs(layer, x).alpha_last(slice(None)).abs().mean(0) for layer, x in enumerate(inputs)]
         mixing = torch.stack(rows)  # (n_layers, T)
         return mixing / mixing.sum(-1, keepdim=True)
+
+    def gate_of(self, layer: int, projected: Tensor) -> Tensor:
+        """The gate z (..., d_inner) from the mixer's in_proj output (..., in_proj width)."""
+        raise NotImplementedError
+
+    def knockout_output(self, layer: int, x: Tensor, blocked: Tensor) -> Tensor:
+        """The last position's y_{T-1} = sum_j alpha_{T-1,j} x_j + D x_{T-1} without the blocked j's terms."""
+        s = self.ssm_inputs(layer, x)
+        unit = s.channel_units()
+        alpha = s.alpha_last(slice(None))[unit]  # (d_inner, T)
+        y = (alpha * s.u.T).masked_fill(blocked[None], 0.0).sum(-1) + s.D[unit] * s.u[-1]  # (d_inner,)
+        neurons = y[None] * self.neuron_factor(layer, y[None], s.z[-1:])
+        return x[-1] + self.project(layer, neurons)[0]
+
+    def record_hooks(self, layer: int, site: str, store: list[Tensor]) -> list[RemovableHandle]:
+        """As `Adapter.record_hooks`; the token-mixing site is the scan output y before the gate (batch, T, d_inner),
+        computed from the block's input by `SSMInputs.output`."""
+        if site != "token_mixing":
+            return super().record_hooks(layer, site, store)
+
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            store.append(torch.stack([self.ssm_inputs(layer, row).output() for row in x.detach()]))
+
+        return [self.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)]
+
+    def restore_hooks(self, layer: int, site: str, rows: Tensor, positions: Tensor,
+                      clean: Tensor) -> list[RemovableHandle]:
+        """As `Adapter.restore_hooks`; restoring y (token mixing) at a position sets the neurons there to
+        clean_y * neuron_factor(clean_y, z) with the gate z of the running forward (read from in_proj)."""
+        if site != "token_mixing":
+            return super().restore_hooks(layer, site, rows, positions, clean)
+        gate: list[Tensor] = []
+
+        def read_gate(module, args, output):
+            gate.append(self.gate_of(layer, output)[rows, positions])
+
+        def restore(module, args):
+            neurons = args[0].clone()
+            y = clean.to(neurons.dtype)
+            neurons[rows, positions] = y * self.neuron_factor(layer, y, gate.pop())
+            return (neurons, *args[1:])
+
+        mixer = self.layers[layer].mixer
+        return [mixer.in_proj.register_forward_hook(read_gate),
+                self.neuron_module(layer).register_forward_pre_hook(restore)]
 
     def neuron_factor(self, layer: int, y: Tensor, z: Tensor) -> Tensor:
         """The factor g (n, d_inner) with neurons = y * g at n positions, from the scan output y and gate z.

@@ -1,0 +1,307 @@
+"""Causal tracing (Meng et al. 2022, "ROME") and knockout (Geva et al. 2023; Endy et al. 2025 for Mamba's hidden
+attention) for every supported architecture.
+
+Causal tracing: run the prompt clean, and corrupted (Gaussian noise of standard deviation nu on the subject tokens'
+input embeddings, `samples` seeded draws; or the subject swapped for another of the same token length). Then, in
+the corrupted run, restore one state of the clean run and recompute everything after it; P is the probability of
+the answer's first token at the last position (as ROME):
+
+    residual[l, t]     = P with block l's output at position t restored
+    kn_site[l, t]      = P with the knowledge-neuron projection's output (GPT-2 / GPT-NeoX MLP output, a
+                         state-space model's mixer output) restored at t in the layers j of the window around l,
+                         max(0, l - window // 2) <= j < min(L, l - window // 2 + window)
+    token_mixing[l, t] = the same for the token-mixing output (a transformer's attention output; a state-space
+                         model's scan output y before the gate, with the corrupted run's gate)
+
+each a mean over the noise samples. nu defaults to 3 x the standard deviation of the subjects' token embeddings
+(ROME's choice) over `subjects` (the fact set) when given, else over the traced subject.
+
+Two ways of computing the same numbers: "reference", one hooked full forward of the real model per restoration
+(the noise samples as its batch, as ROME's code); "fast", every restoration and noise sample a row of one batched
+hooked forward (`batch_size` rows per forward), each row restoring its own layers and position. The fast path
+recomputes the layers below the restored one too (they equal the corrupted run's); it saves the per-forward
+overhead of hundreds of small forwards, not those FLOPs.
+
+Knockout: P when the last position cannot read some positions (the subject's, the other non-last ones, or its
+own) in the layers of a window around l: attention edges masked for transformers (scores -inf), and for
+state-space models the blocked positions' terms alpha[T-1, s] x_s removed from the last position's scan output
+(the hidden attention, exact: nothing blocked gives the clean run). Only the last position changes, so the
+positions before it keep their clean block inputs and the last position is stepped through the layers
+(`Adapter.knockout_output`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from common.errors import UserError
+from common.tokens import encode, subject_positions
+from models import Adapter, adapter_for
+
+log = logging.getLogger(__name__)
+
+SITES = ("residual", "kn_site", "token_mixing")
+CORRUPTIONS = ("noise", "swap")
+KNOCKOUTS = ("subject_to_last", "non_subject_to_last", "last_to_last")
+
+
+@dataclass
+class Trace:
+    """Causal trace of one prompt. residual, kn_site, token_mixing: (n_layers, T) P after restoring (see the module
+    docstring); tokens: the prompt's T tokens as text; subject: the subject's token positions."""
+
+    p_clean: float
+    p_corrupt: float
+    residual: Tensor
+    kn_site: Tensor
+    token_mixing: Tensor
+    tokens: list[str]
+    subject: list[int]
+    answer_token: int
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Corrupted:
+    """The corrupted run of one prompt: ids (T,), target token, subject positions, noise (rows, n_subject, d_model)
+    added to the subject's input embeddings (None for a swap), and the clean run's site values
+    clean[site][layer] (T, d_site)."""
+
+    ids: Tensor
+    target: int
+    subject: list[int]
+    noise: Tensor | None
+    clean: dict[str, list[Tensor]]
+    p_clean: float
+    tokens: list[str]
+    nu: float | None
+
+    @property
+    def samples(self) -> int:
+        return 1 if self.noise is None else len(self.noise)
+
+
+class CausalTracer:
+    """Causal tracing and knockout of a causal LM of any supported architecture.
+
+    >>> t = CausalTracer(model, tokenizer).trace("The Eiffel Tower is in", " Paris", "Eiffel Tower")
+    >>> t.residual  # (n_layers, T)
+    """
+
+    def __init__(self, model, tokenizer, subjects: Sequence[str] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter: Adapter = adapter_for(model)
+        self.subjects = list(subjects) if subjects else None
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    def noise_level(self, subjects: Sequence[str]) -> float:
+        """nu = 3 x the standard deviation of the input embeddings of the subjects' tokens (all entries; ROME)."""
+        ids = [i for s in subjects for i in self.tokenizer(s, add_special_tokens=False)["input_ids"]]
+        if not ids:
+            raise UserError("no subject tokens to measure the embedding spread from")
+        with torch.no_grad():
+            emb = self.model.get_input_embeddings()(torch.tensor(ids, device=self.adapter.device))
+        return 3.0 * emb.double().std().item()
+
+    # --- causal tracing -----------------------------------------------------------------------------------------
+    def trace(self, prompt: str, answer: str, subject: str, corruption: str = "noise", samples: int = 10,
+              seed: int = 0, window: int = 10, noise: float | None = None, swap_subject: str | None = None,
+              method: str = "fast", batch_size: int | None = None) -> Trace:
+        """Causal trace of `answer`'s first token after `prompt`, corrupting `subject` (see the module docstring).
+
+        method: "fast" (batched rows) or "reference" (one hooked forward per restoration).
+        """
+        if method not in ("fast", "reference"):
+            raise UserError(f"unknown tracing method {method!r}: use 'fast' or 'reference'")
+        if window < 1:
+            raise UserError(f"window {window} must be >= 1")
+        with _eval_mode(self.model), torch.no_grad():
+            run = self._corrupted(prompt, answer, subject, corruption, samples, seed, noise, swap_subject)
+            p_corrupt = self._probabilities(run, torch.arange(run.samples), []).mean().item()
+            maps = {site: (self._fast if method == "fast" else self._reference)(run, site, window, batch_size)
+                    for site in SITES}
+        options = {"corruption": corruption, "samples": run.samples, "seed": seed, "window": window, "noise": run.nu,
+                   "swap_subject": swap_subject}
+        return Trace(run.p_clean, p_corrupt, *(maps[s].cpu() for s in SITES), run.tokens, run.subject, run.target,
+                     options)
+
+    def _corrupted(self, prompt, answer, subject, corruption, samples, seed, noise, swap_subject) -> _Corrupted:
+        if corruption not in CORRUPTIONS:
+            raise UserError(f"unknown corruption {corruption!r}: use {' or '.join(CORRUPTIONS)}")
+        prompt_ids, answer_ids = encode(self.tokenizer, prompt, answer)
+        positions = subject_positions(self.tokenizer, prompt, subject)
+        if not positions:
+            raise UserError(f"subject {subject!r} covers no token of prompt {prompt!r}")
+        ad = self.adapter
+        ids = torch.tensor(prompt_ids, device=ad.device)
+        nu, eps = None, None
+        if corruption == "noise":
+            if samples < 1:
+                raise UserError(f"samples {samples} must be >= 1")
+            nu = float(noise) if noise is not None else self.noise_level(self.subjects or [subject])
+            gen = torch.Generator().manual_seed(seed)
+            d = self.model.get_input_embeddings().weight.shape[1]
+            eps = (torch.randn(samples, len(positions), d, generator=gen, dtype=torch.float64) * nu).to(ad.device,
+                                                                                                        ad.dtype)
+            corrupt_ids = ids
+        else:
+            corrupt_ids = self._swapped(prompt, subject, swap_subject, prompt_ids, positions)
+        clean, p_clean = self._record(ids, answer_ids[0])
+        tokens = [self.tokenizer.decode([i]) for i in prompt_ids]
+        return _Corrupted(corrupt_ids, answer_ids[0], positions, eps, clean, p_clean, tokens, nu)
+
+    def _swapped(self, prompt, subject, swap_subject, prompt_ids, positions) -> Tensor:
+        """The prompt's ids with the subject replaced by `swap_subject`, which must take the same positions."""
+        if not swap_subject:
+            raise UserError("corruption 'swap' needs swap_subject")
+        swapped = prompt.replace(subject, swap_subject, 1)
+        new_ids = self.tokenizer(swapped, add_special_tokens=False)["input_ids"]
+        new_positions = subject_positions(self.tokenizer, swapped, swap_subject)
+        if len(new_ids) != len(prompt_ids) or new_positions != positions:
+            raise UserError(f"swap subject {swap_subject!r} takes {len(new_positions)} tokens at {new_positions} "
+                            f"of {len(new_ids)}, subject {subject!r} {len(positions)} at {positions} of "
+                            f"{len(prompt_ids)}: they must take the same positions")
+        return torch.tensor(new_ids, device=self.adapter.device)
+
+    def _record(self, ids: Tensor, target: int) -> tuple[dict[str, list[Tensor]], float]:
+        """The clean run: every site's value at every layer, clean[site][layer] (T, d_site), and P clean."""
+        stores = {site: [[] for _ in range(self.n_layers)] for site in SITES}
+        handles = [h for site in SITES for layer in range(self.n_layers)
+                   for h in self.adapter.record_hooks(layer, site, stores[site][layer])]
+        with _removing(handles):
+            logits = self.model(ids[None], use_cache=False).logits[0, -1]
+        clean = {site: [store[0][0] for store in stores[site]] for site in SITES}
+        return clean, logits.softmax(-1)[target].item()
+
+    def _layers(self, site: str, layer: int, window: int) -> range:
+        """The layers restored for a restoration centred at `layer`: the layer itself for the residual site."""
+        if site == "residual":
+            return range(layer, layer + 1)
+        low = max(0, layer - window // 2)
+        return range(low, min(self.n_layers, layer - window // 2 + window))
+
+    def _probabilities(self, run: _Corrupted, sample: Tensor, restorations: list[tuple[int, str, Tensor, Tensor]]
+                       ) -> Tensor:
+        """(rows,) P(target) of corrupted forwards, row r with noise sample sample[r] (rows,), and each restoration
+        (layer, site, rows (n,), positions (n,)) putting the clean value of site at that layer back there."""
+        ad = self.adapter
+        handles: list[RemovableHandle] = []
+        if run.noise is not None:
+            handles.append(self.model.get_input_embeddings().register_forward_hook(
+                _add_noise(run.noise[sample.to(run.noise.device)], run.subject)))
+        for layer, site, rows, positions in restorations:
+            rows, positions = rows.to(ad.device), positions.to(ad.device)
+            handles += ad.restore_hooks(layer, site, rows, positions, run.clean[site][layer][positions])
+        with _removing(handles):
+            logits = self.model(run.ids[None].expand(len(sample), -1), use_cache=False).logits[:, -1]
+        return logits.softmax(-1)[:, run.target]
+
+    def _reference(self, run: _Corrupted, site: str, window: int, batch_size: int | None) -> Tensor:
+        """(n_layers, T): one forward per restoration, the noise samples as its rows."""
+        L, T, S = self.n_layers, len(run.ids), run.samples
+        out = torch.empty(L, T, dtype=torch.float64)
+        rows = torch.arange(S)
+        for layer in range(L):
+            for t in range(T):
+                at = torch.full((S,), t)
+                p = self._probabilities(run, rows, [(j, site, rows, at) for j in self._layers(site, layer, window)])
+                out[layer, t] = p.double().mean().item()
+        return out
+
+    def _fast(self, run: _Corrupted, site: str, window: int, batch_size: int | None) -> Tensor:
+        """(n_layers, T): rows r = ((layer, t), sample) of batched forwards, `batch_size` rows each (None: all)."""
+        L, T, S = self.n_layers, len(run.ids), run.samples
+        grid = torch.arange(L * T * S)
+        layer_of, t_of, sample_of = grid // (T * S), grid // S % T, grid % S
+        probs = torch.empty(L * T * S, dtype=torch.float64)
+        chunk = batch_size or len(grid)
+        for start in range(0, len(grid), chunk):
+            part = slice(start, start + chunk)
+            lay, pos = layer_of[part], t_of[part]
+            restorations = []
+            for j in range(L):
+                low, high = (lay, lay + 1) if site == "residual" else (
+                    (lay - window // 2).clamp(min=0), (lay - window // 2 + window).clamp(max=L))
+                mine = torch.nonzero((low <= j) & (j < high))[:, 0]  # the chunk's rows that restore layer j
+                if len(mine):
+                    restorations.append((j, site, mine, pos[mine]))
+            probs[part] = self._probabilities(run, sample_of[part], restorations).double().cpu()
+        return probs.view(L, T, S).mean(-1)
+
+    # --- knockout -------------------------------------------------------------------------------------------------
+    def knockout(self, prompt: str, answer: str, subject: str, window: int = 9,
+                 edges: str = "subject_to_last") -> Tensor:
+        """(n_layers,) P(answer's first token) when the last position cannot read the positions of `edges` in the
+        layers of the window around each layer l (as `kn_site`'s window): "subject_to_last" the subject's,
+        "non_subject_to_last" the others before the last, "last_to_last" its own (for state-space models: its
+        hidden-attention term alpha[T-1, T-1] x_{T-1}; the skip D x_{T-1} is kept)."""
+        if edges not in KNOCKOUTS:
+            raise UserError(f"unknown knockout {edges!r}: use one of {', '.join(KNOCKOUTS)}")
+        if window < 1:
+            raise UserError(f"window {window} must be >= 1")
+        prompt_ids, answer_ids = encode(self.tokenizer, prompt, answer)
+        positions = subject_positions(self.tokenizer, prompt, subject)
+        T = len(prompt_ids)
+        blocked = torch.zeros(T, dtype=torch.bool, device=self.adapter.device)
+        if edges == "subject_to_last":
+            blocked[[p for p in positions if p < T - 1]] = True
+        elif edges == "non_subject_to_last":
+            blocked[[p for p in range(T - 1) if p not in positions]] = True
+        else:
+            blocked[T - 1] = True
+        with _eval_mode(self.model), torch.no_grad():
+            inputs, _, _ = self.adapter.block_io(torch.tensor(prompt_ids, device=self.adapter.device))
+            out = [self.knocked_out(inputs, answer_ids[0], blocked, self._layers("window", layer, window))
+                   for layer in range(self.n_layers)]
+        return torch.tensor(out, dtype=torch.float64)
+
+    def knocked_out(self, inputs: list[Tensor], target: int, blocked: Tensor, layers: range) -> float:
+        """P(target) with the last position stepped through every block from the clean block inputs (T, d_model)
+        of the positions before it, `blocked` (T,) masked in `layers`; nothing blocked: P clean."""
+        ad = self.adapter
+        none = torch.zeros_like(blocked)
+        h = inputs[0][-1]
+        for layer, x in enumerate(inputs):
+            h = ad.knockout_output(layer, torch.cat([x[:-1], h[None]]), blocked if layer in layers else none)
+        return ad.answer_probability(h[None], torch.tensor([target], device=ad.device)).item()
+
+
+def _add_noise(noise: Tensor, positions: list[int]):
+    """A forward hook adding noise (rows, n_subject, d_model) to the input embeddings at the subject positions."""
+
+    def hook(module, args, output):
+        output = output.clone()
+        output[:, positions] += noise.to(output.dtype)
+        return output
+
+    return hook
+
+
+@contextmanager
+def _removing(handles: list[RemovableHandle]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
