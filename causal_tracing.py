@@ -191,10 +191,11 @@ class CausalTracer:
         low = max(0, layer - window // 2)
         return range(low, min(self.n_layers, layer - window // 2 + window))
 
-    def _probabilities(self, run: _Corrupted, sample: Tensor, restorations: list[tuple[int, str, Tensor, Tensor]]
-                       ) -> Tensor:
+    def _probabilities(self, run: _Corrupted, sample: Tensor, restorations: list[tuple[int, str, Tensor, Tensor]],
+                       last_only: bool = False) -> Tensor:
         """(rows,) P(target) of corrupted forwards, row r with noise sample sample[r] (rows,), and each restoration
-        (layer, site, rows (n,), positions (n,)) putting the clean value of site at that layer back there."""
+        (layer, site, rows (n,), positions (n,)) putting the clean value of site at that layer back there.
+        last_only: the LM head on the last position only (the plain forward computes every position's logits)."""
         ad = self.adapter
         handles: list[RemovableHandle] = []
         if run.noise is not None:
@@ -204,7 +205,8 @@ class CausalTracer:
             rows, positions = rows.to(ad.device), positions.to(ad.device)
             handles += ad.restore_hooks(layer, site, rows, positions, run.clean[site][layer][positions])
         with _removing(handles):
-            logits = self.model(run.ids[None].expand(len(sample), -1), use_cache=False).logits[:, -1]
+            keep = {"logits_to_keep": 1} if last_only else {}
+            logits = self.model(run.ids[None].expand(len(sample), -1), use_cache=False, **keep).logits[:, -1]
         return logits.softmax(-1)[:, run.target]
 
     def _reference(self, run: _Corrupted, site: str, window: int, batch_size: int | None) -> Tensor:
@@ -220,11 +222,16 @@ class CausalTracer:
         return out
 
     def _fast(self, run: _Corrupted, site: str, window: int, batch_size: int | None) -> Tensor:
-        """(n_layers, T): rows r = ((layer, t), sample) of batched forwards, `batch_size` rows each (None: all)."""
+        """(n_layers, T): rows r = ((layer, t), sample) of batched forwards, `batch_size` rows each (None: all).
+
+        Positions before the subject are the same in the clean and the corrupted run at every layer, so
+        restoring them changes nothing: their rows are not run, they get the corrupted runs' P (exactly).
+        """
         L, T, S = self.n_layers, len(run.ids), run.samples
-        grid = torch.arange(L * T * S)
+        first = min(run.subject)
+        grid = torch.arange(L * T * S).view(L, T, S)[:, first:].flatten()
         layer_of, t_of, sample_of = grid // (T * S), grid // S % T, grid % S
-        probs = torch.empty(L * T * S, dtype=torch.float64)
+        probs = self._probabilities(run, torch.arange(S), [], last_only=True).double().cpu().repeat(L * T)
         chunk = batch_size or len(grid)
         for start in range(0, len(grid), chunk):
             part = slice(start, start + chunk)
@@ -236,7 +243,7 @@ class CausalTracer:
                 mine = torch.nonzero((low <= j) & (j < high))[:, 0]  # the chunk's rows that restore layer j
                 if len(mine):
                     restorations.append((j, site, mine, pos[mine]))
-            probs[part] = self._probabilities(run, sample_of[part], restorations).double().cpu()
+            probs[grid[part]] = self._probabilities(run, sample_of[part], restorations, last_only=True).double().cpu()
         return probs.view(L, T, S).mean(-1)
 
     # --- knockout -------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from common.tokens import subject_positions
 
 PROMPT, ANSWER, SUBJECT = "The capital of France is", " Paris", "France"
 PROMPT2, SUBJECT2 = "The Eiffel Tower is located in the city of", "Eiffel Tower"
+# tolerances rel 1e-6: transformers computes Mamba's A and Mamba-2's gated norm in float32 even in float64 models
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +27,9 @@ def tracer64(tiny_model):
 def test_fast_equals_reference_noise(tracer64, window):
     fast = tracer64.trace(PROMPT2, ANSWER, SUBJECT2, samples=3, seed=1, window=window, batch_size=50)
     ref = tracer64.trace(PROMPT2, ANSWER, SUBJECT2, samples=3, seed=1, window=window, method="reference")
-    assert fast.p_corrupt == pytest.approx(ref.p_corrupt, abs=1e-12)
+    assert fast.p_corrupt == pytest.approx(ref.p_corrupt, rel=1e-6)
     for site in SITES:
-        torch.testing.assert_close(getattr(fast, site), getattr(ref, site), rtol=0, atol=1e-10)
+        torch.testing.assert_close(getattr(fast, site), getattr(ref, site), rtol=1e-6, atol=1e-12)
     assert not torch.allclose(fast.residual, torch.full_like(fast.residual, fast.p_corrupt))  # restorations matter
 
 
@@ -37,7 +38,7 @@ def test_fast_equals_reference_swap(tracer64):
     fast = tracer64.trace(PROMPT, ANSWER, SUBJECT, **kw)
     ref = tracer64.trace(PROMPT, ANSWER, SUBJECT, method="reference", **kw)
     for site in SITES:
-        torch.testing.assert_close(getattr(fast, site), getattr(ref, site), rtol=0, atol=1e-10)
+        torch.testing.assert_close(getattr(fast, site), getattr(ref, site), rtol=1e-6, atol=1e-12)
     assert fast.p_corrupt != pytest.approx(fast.p_clean)
 
 
