@@ -70,11 +70,12 @@ class Trace:
 
 @dataclass
 class _Corrupted:
-    """The corrupted run of one prompt: ids (T,), target token, subject positions, noise (rows, n_subject, d_model)
-    added to the subject's input embeddings (None for a swap), and the clean run's site values
-    clean[site][layer] (T, d_site)."""
+    """The corrupted run of one prompt: its ids (T,) and the clean prompt's clean_ids, target token, subject
+    positions, noise (rows, n_subject, d_model) added to the subject's input embeddings (None for a swap), and the
+    clean run's site values clean[site][layer] (T, d_site)."""
 
     ids: Tensor
+    clean_ids: Tensor
     target: int
     subject: list[int]
     noise: Tensor | None
@@ -136,7 +137,9 @@ class CausalTracer:
         return Trace(run.p_clean, p_corrupt, *(maps[s].cpu() for s in SITES), run.tokens, run.subject, run.target,
                      options)
 
-    def _corrupted(self, prompt, answer, subject, corruption, samples, seed, noise, swap_subject) -> _Corrupted:
+    def _corrupted(self, prompt, answer, subject, corruption, samples, seed, noise, swap_subject,
+                   record: bool = True) -> _Corrupted:
+        """The corrupted run's inputs; record: also the clean run's site values (else only P clean)."""
         if corruption not in CORRUPTIONS:
             raise UserError(f"unknown corruption {corruption!r}: use {' or '.join(CORRUPTIONS)}")
         prompt_ids, answer_ids = encode(self.tokenizer, prompt, answer)
@@ -157,9 +160,9 @@ class CausalTracer:
             corrupt_ids = ids
         else:
             corrupt_ids = self._swapped(prompt, subject, swap_subject, prompt_ids, positions)
-        clean, p_clean = self._record(ids, answer_ids[0])
+        clean, p_clean = self._record(ids, answer_ids[0], SITES if record else ())
         tokens = [self.tokenizer.decode([i]) for i in prompt_ids]
-        return _Corrupted(corrupt_ids, answer_ids[0], positions, eps, clean, p_clean, tokens, nu)
+        return _Corrupted(corrupt_ids, ids, answer_ids[0], positions, eps, clean, p_clean, tokens, nu)
 
     def _swapped(self, prompt, subject, swap_subject, prompt_ids, positions) -> Tensor:
         """The prompt's ids with the subject replaced by `swap_subject`, which must take the same positions."""
@@ -174,14 +177,14 @@ class CausalTracer:
                             f"{len(prompt_ids)}: they must take the same positions")
         return torch.tensor(new_ids, device=self.adapter.device)
 
-    def _record(self, ids: Tensor, target: int) -> tuple[dict[str, list[Tensor]], float]:
-        """The clean run: every site's value at every layer, clean[site][layer] (T, d_site), and P clean."""
-        stores = {site: [[] for _ in range(self.n_layers)] for site in SITES}
-        handles = [h for site in SITES for layer in range(self.n_layers)
+    def _record(self, ids: Tensor, target: int, sites: Sequence[str]) -> tuple[dict[str, list[Tensor]], float]:
+        """The clean run: the sites' values at every layer, clean[site][layer] (T, d_site), and P clean."""
+        stores = {site: [[] for _ in range(self.n_layers)] for site in sites}
+        handles = [h for site in sites for layer in range(self.n_layers)
                    for h in self.adapter.record_hooks(layer, site, stores[site][layer])]
         with _removing(handles):
             logits = self.model(ids[None], use_cache=False).logits[0, -1]
-        clean = {site: [store[0][0] for store in stores[site]] for site in SITES}
+        clean = {site: [store[0][0] for store in stores[site]] for site in sites}
         return clean, logits.softmax(-1)[target].item()
 
     def _layers(self, site: str, layer: int, window: int) -> range:
@@ -246,6 +249,29 @@ class CausalTracer:
             probs[grid[part]] = self._probabilities(run, sample_of[part], restorations, last_only=True).double().cpu()
         return probs.view(L, T, S).mean(-1)
 
+    # --- restoring chosen neurons ------------------------------------------------------------------------------
+    def restore_neurons(self, prompt: str, answer: str, subject: str, neuron_sets: Sequence[Sequence[tuple[int, int]]],
+                        corruption: str = "noise", samples: int = 10, seed: int = 0, noise: float | None = None,
+                        swap_subject: str | None = None) -> tuple[float, float, Tensor]:
+        """(P clean, P corrupted, (n_sets,) P corrupted with only the neurons (layer, index) of a set restored to
+        their clean activations at the last position), means over the noise samples; one batched forward of
+        n_sets x samples rows."""
+        with _eval_mode(self.model), torch.no_grad():
+            run = self._corrupted(prompt, answer, subject, corruption, samples, seed, noise, swap_subject, record=False)
+            ad, S = self.adapter, run.samples
+            clean = ad.prefix(run.clean_ids).acts[0]  # (n_layers, width) at the last position
+            p_corrupt = self._probabilities(run, torch.arange(S), []).double().mean().item()
+            masks = torch.zeros(len(neuron_sets), ad.n_layers, ad.width, dtype=torch.bool, device=ad.device)
+            for k, neurons in enumerate(neuron_sets):
+                for layer, index in neurons:
+                    masks[k, layer, index] = True
+            masks = masks.repeat_interleave(S, dim=0)  # (rows, n_layers, width): set k's rows k*S .. k*S + S - 1
+            handles = [ad.neuron_module(layer).register_forward_pre_hook(_restore_last(masks[:, layer], clean[layer]))
+                       for layer in range(ad.n_layers) if masks[:, layer].any()]
+            with _removing(handles):
+                p = self._probabilities(run, torch.arange(S).repeat(len(neuron_sets)), [], last_only=True)
+        return run.p_clean, p_corrupt, p.double().view(len(neuron_sets), S).mean(-1).cpu()
+
     # --- knockout -------------------------------------------------------------------------------------------------
     def knockout(self, prompt: str, answer: str, subject: str, window: int = 9,
                  edges: str = "subject_to_last") -> Tensor:
@@ -282,6 +308,17 @@ class CausalTracer:
         for layer, x in enumerate(inputs):
             h = ad.knockout_output(layer, torch.cat([x[:-1], h[None]]), blocked if layer in layers else none)
         return ad.answer_probability(h[None], torch.tensor([target], device=ad.device)).item()
+
+
+def _restore_last(mask: Tensor, clean: Tensor):
+    """A forward pre-hook setting the neurons of mask (rows, width) at the last position to clean (width,)."""
+
+    def hook(module, args):
+        x = args[0].clone()
+        x[:, -1] = torch.where(mask, clean.to(x.dtype), x[:, -1])
+        return (x, *args[1:])
+
+    return hook
 
 
 def _add_noise(noise: Tensor, positions: list[int]):

@@ -1,6 +1,6 @@
 """Knowledge neurons in GPT-2 and Mamba: the command line.
 
-    python main.py [comprehensive|attention|knowledge|edit] [options]
+    python main.py [comprehensive|attention|knowledge|edit|trace] [options]
 
 This module parses options, picks the models and calls the analysis modules in order; it holds no maths.
 """
@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from analysis.stage import BASELINES, Options
+from analysis.tracing import TraceOptions
+from causal_tracing import CORRUPTIONS
 from common.errors import UserError
 from editing.edits import RULES, EditOptions
 from facts import FACTS, Fact, load_facts, select_facts
@@ -34,6 +36,9 @@ MODES = {  # "the models": GPT-2 and Mamba by default, or those of --models
     "(gpt2_..., mamba_...) + .npz score tensors",
     "edit": "knowledge neurons, then knowledge editing (Dai et al.): update every fact and erase every relation "
     "through knowledge neurons vs random neurons -> <label>_knowledge_editing.json",
+    "trace": "knowledge neurons, then causal tracing (Meng et al.: corrupt the subject, restore one clean state), "
+    "knockout of the last position's reading (Geva et al.; hidden attention for state-space models) and the "
+    "knowledge neurons restored vs random ones -> <label>_causal_trace.json and figures",
 }
 DEFAULT_MODELS = {"gpt2": "gpt2", "mamba": "state-spaces/mamba-130m-hf"}
 LABEL_PATTERN = re.compile(r"^[a-z0-9_]+$")
@@ -125,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-edited", metavar="DIR",
                    help="save_pretrained each model with its first edited fact updated to DIR/<label> "
                    "(with edit_info.json); nothing is saved without it")
+    t = p.add_argument_group("causal tracing (trace; comprehensive adds it to the report)")
+    t.add_argument("--corruption", default=TraceOptions.corruption, choices=CORRUPTIONS,
+                   help="noise: Gaussian noise on the subject's input embeddings (ROME); swap: the subject replaced "
+                   "by another subject of its relation with as many tokens (default: %(default)s)")
+    t.add_argument("--noise", type=float, metavar="NU",
+                   help="noise standard deviation nu (default: 3 x the std of the subjects' token embeddings)")
+    t.add_argument("--trace-samples", type=int, default=TraceOptions.samples, metavar="N",
+                   help="seeded noise samples per prompt (default: %(default)s, as ROME)")
+    t.add_argument("--trace-window", type=int, default=TraceOptions.window, metavar="W",
+                   help="layers restored around each layer for the neuron and token-mixing sites "
+                   "(default: %(default)s, as ROME)")
+    t.add_argument("--knockout-window", type=int, default=TraceOptions.knockout_window, metavar="W",
+                   help="layers around each layer in which the last position is knocked out (default: %(default)s, "
+                   "as Geva et al.)")
     r = p.add_argument_group("run control")
     r.add_argument("--fresh", action="store_true",
                    help="recompute every fact instead of resuming from <out>/.kn_cache")

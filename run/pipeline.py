@@ -1,4 +1,4 @@
-"""The three modes of `main.py`, as sequences of calls into the analysis modules."""
+"""The modes of `main.py`, as sequences of calls into the analysis modules."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from analysis.stage import (
     knowledge_tables,
     write_knowledge,
 )
+from analysis.tracing import TraceOptions, trace_model
 from attention_neurons import mamba_attention_analysis, subject_mixing
 from common.errors import UserError
 from common.outputs import versions, write_json, write_text
@@ -28,6 +29,7 @@ from editing.stage import editing_report, editing_stage, editing_table
 from facts import Fact
 from knowledge_neurons import KnowledgeNeurons
 from models import ADAPTERS, SSMAdapter, load_config, load_model
+from models.demo import is_demo_model
 from report.attention_figures import plot_hidden_attention, plot_subject_flow, units
 from report.figures import (
     FACT_MATRIX_MAX_FACTS,
@@ -40,6 +42,8 @@ from report.figures import (
 )
 from report.findings import completeness
 from report.markdown import attention_table, comprehensive_report, demo_caveat, interventions_table
+from report.trace_figures import plot_aie_curves, plot_trace_heatmaps
+from report.trace_report import trace_section, trace_table
 from run import distributed
 
 log = logging.getLogger(__name__)
@@ -232,6 +236,48 @@ def run_attention(args: argparse.Namespace, facts: Sequence[Fact], names: dict[s
     print(attention_table(doc))
 
 
+def trace_options(args: argparse.Namespace) -> TraceOptions:
+    return TraceOptions(corruption=args.corruption, noise=args.noise, samples=args.trace_samples,
+                        window=args.trace_window, knockout_window=args.knockout_window, seed=args.seed,
+                        random_draws=args.random_draws, bootstrap=args.bootstrap)
+
+
+HEATMAP_FACTS = 3  # ROME-style heatmaps for the first facts of each model
+
+
+def trace_stage(args: argparse.Namespace, facts: Sequence[Fact], done: dict[str, Analysed],
+                names: dict[str, str]) -> dict:
+    """Causal tracing, knockout and the knowledge-neuron cross-check of every model -> <label>_causal_trace.json;
+    the figures under <out>/figures. Returns label -> the JSON document."""
+    out, caveat, options = Path(args.out), demo_caveat(names), trace_options(args)
+    docs = {}
+    for label, d in done.items():
+        traced = trace_model(d.kn.model, d.kn.tokenizer, facts, d.result.refined, options, progress=not args.quiet,
+                             label=label)
+        heatmaps = plot_trace_heatmaps(traced, named(label, d.kn.model.config.model_type), out / "figures",
+                                       f"causal_trace_{label}_", HEATMAP_FACTS, caveat)
+        doc = {"model": names[label], "label": label, "architecture": d.kn.model.config.model_type,
+               "demo": is_demo_model(names[label]), **traced,
+               "figures": {"heatmaps": [str(f.relative_to(out)) for f in heatmaps]},
+               "arguments": arguments(args), "versions": versions()}
+        docs[label] = doc
+    curves = plot_aie_curves({named(label, doc["architecture"]): doc["summary"] for label, doc in docs.items()},
+                             out / "figures" / "causal_trace_aie.png", caveat)
+    for label, doc in docs.items():
+        doc["figures"]["aie_curves"] = str(curves.relative_to(out))
+        write_json(out / f"{label}_causal_trace.json", doc)
+        log.info("wrote %s", out / f"{label}_causal_trace.json")
+    return docs
+
+
+def run_trace(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> None:
+    done = knowledge_stage(args, facts, names)
+    if not distributed.is_main():
+        return
+    docs = trace_stage(args, facts, done, names)
+    print(trace_table({named(label, doc["architecture"]): doc for label, doc in docs.items()}))
+
+
 def relation_statistics(result: ModelResult, args: argparse.Namespace) -> dict:
     """Intra- vs inter-relation Jaccard: permutation test over relation labels and bootstrap CIs of both means
     (facts resampled within relations), both exact over every pair from the sparse pair entries."""
@@ -271,6 +317,7 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
             "statistics": relation_statistics(d.result, args),
         }
     editing = editing_stage(args, done, arguments(args), notes(args))
+    traces = trace_stage(args, facts, done, names)
     results = {label: d.result for label, d in done.items()}
     summaries = {label: m["interventions"]["summary"] for label, m in per_model.items()}
     # one colour scale for every model's fact x fact Jaccard figure (those up to FACT_MATRIX_MAX_FACTS facts)
@@ -315,16 +362,21 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
             **({"mamba_analysis": "mamba_analysis.json"} if attention else {}),
             "report": "report.md",
             "knowledge_editing": editing.files,
+            "causal_trace": {label: f"{label}_causal_trace.json" for label in traces},
             "figures": {**{k: str(v.relative_to(out)) for k, v in figures.items()},
-                        **(attention["figures"] if attention else {}), "knowledge_editing": editing.figure},
+                        **(attention["figures"] if attention else {}), "knowledge_editing": editing.figure,
+                        "causal_trace": {label: doc["figures"] for label, doc in traces.items()}},
         },
     }
     write_json(out / "mamba_comprehensive_analysis.json", doc)
     write_text(out / "report.md", comprehensive_report(doc, results, per_model, attention, caveat)
-               + editing_report(editing))
+               + editing_report(editing)
+               + trace_section({named(label, doc["architecture"]): doc for label, doc in traces.items()}, caveat))
     print(knowledge_tables(results))
     print()
     print(interventions_table(summaries))
     print()
     print(editing_table(editing.docs))
+    print()
+    print(trace_table({named(label, doc["architecture"]): doc for label, doc in traces.items()}))
     log.info("wrote %s and %s", out / "mamba_comprehensive_analysis.json", out / "report.md")

@@ -121,6 +121,7 @@ def check_arguments(args: argparse.Namespace, defaults: Mapping[str, Any] | None
 
     check_ranges(args)
     options_from(args)
+    check_trace_options(args)
     resolve_device(args.device)
     check_out_dir(args.out)
     notes = ignored_options(args, defaults) if defaults is not None else []
@@ -169,6 +170,18 @@ def check_demo(args: argparse.Namespace, facts: Sequence[Fact]) -> None:
                         f"these are {len(facts)} (training would be long and miss the accuracy check). Select fewer "
                         "(--relations, --max-facts-per-relation) or pass real models (--gpt2-model, --mamba-model, "
                         "--models)")
+
+
+def check_trace_options(args: argparse.Namespace) -> None:
+    """The causal-tracing options (trace, comprehensive): counts >= 1, a positive finite noise level."""
+    for option, value in (("--trace-samples", args.trace_samples), ("--trace-window", args.trace_window),
+                          ("--knockout-window", args.knockout_window)):
+        if value < 1:
+            raise UserError(f"{option} {value}: must be at least 1")
+    if args.noise is not None and not (0 < args.noise < float("inf")):
+        raise UserError(f"--noise {args.noise}: must be a positive number")
+    if args.noise is not None and args.corruption == "swap":
+        raise UserError("--noise sets the noise of --corruption noise; it has no meaning with --corruption swap")
 
 
 def check_context(option: str, name: str, limit: int, tokenizer, facts: Sequence[Fact],

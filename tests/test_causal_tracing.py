@@ -119,3 +119,54 @@ def _without_subject_terms(model, ad, layer, ids, subject, target) -> float:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def test_restoring_no_neurons_is_the_corrupted_run(tracer64):
+    p_clean, p_corrupt, p = tracer64.restore_neurons(PROMPT2, ANSWER, SUBJECT2, [[], [(0, 1), (1, 2)]], samples=2)
+    t = tracer64.trace(PROMPT2, ANSWER, SUBJECT2, samples=2, window=1)
+    assert p[0].item() == pytest.approx(p_corrupt, rel=1e-6) and p_corrupt == pytest.approx(t.p_corrupt, rel=1e-6)
+    assert p[1].item() != pytest.approx(p_corrupt, rel=1e-6) and p_clean == pytest.approx(t.p_clean, rel=1e-6)
+
+
+@pytest.mark.parametrize("option", [["--trace-samples", "0"], ["--trace-window", "0"], ["--noise", "-1"],
+                                    ["--corruption", "swap", "--noise", "0.5"]])
+def test_bad_trace_options_are_one_line_errors(option, tmp_path, capsys):
+    from main import main
+
+    assert main(["trace", *option, "--out", str(tmp_path), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and option[-2] in err
+
+
+def test_trace_mode_writes_every_model_and_fact(demo_models, tmp_path):
+    import json
+
+    from facts import FACTS, relations
+    from main import main
+
+    facts = [f for group in list(relations(FACTS).values())[:2] for f in group[:2]]
+    path = tmp_path / "facts.jsonl"
+    path.write_text("\n".join(json.dumps({"id": f.id, "relation": f.relation, "subject": f.subject,
+                                          "answer": f.answer, "prompts": list(f.prompts)}) for f in facts))
+    out = tmp_path / "out"
+    assert main(["trace", "--models", f"gpt2={demo_models['gpt2']},mamba={demo_models['mamba']}", "--facts",
+                 str(path), "--out", str(out), "-q", "--steps", "4", "--trace-samples", "2", "--random-draws", "2",
+                 "--bootstrap", "20", "--trace-window", "3"]) == 0
+    for label in ("gpt2", "mamba"):
+        text = (out / f"{label}_causal_trace.json").read_text()
+        doc = json.loads(text)
+        assert "NaN" not in text and doc["versions"]["torch"]
+        assert doc["options"]["samples"] == 2 and doc["options"]["window"] == 3 and doc["options"]["noise"] > 0
+        assert [r["id"] for r in doc["facts"]] == [f.id for f in facts]
+        L = doc["n_layers"]
+        for r in doc["facts"]:
+            T = len(r["tokens"])
+            assert all(len(r[site]) == L and len(r[site][0]) == T for site in SITES)
+            assert r["residual"][-1][-1] == pytest.approx(r["p_clean"], rel=1e-4)  # last block, last position
+            assert set(r["knockout"]) == {"subject_to_last", "non_subject_to_last", "last_to_last"}
+        s = doc["summary"]
+        assert all(len(s["aie"][site]) == L and len(s["aie"][site][0]) == 6 for site in SITES)
+        assert len(s["knockout"]["subject_to_last"]) == L
+        assert set(s["kn_cross_check"]) >= {"restore_kn", "restore_random", "layer_correlation"}
+        for path in [*doc["figures"]["heatmaps"], doc["figures"]["aie_curves"]]:
+            assert (out / path).stat().st_size > 5000
