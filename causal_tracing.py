@@ -17,10 +17,10 @@ each a mean over the noise samples. nu defaults to 3 x the standard deviation of
 (ROME's choice) over `subjects` (the fact set) when given, else over the traced subject.
 
 Two ways of computing the same numbers: "reference", one hooked full forward of the real model per restoration
-(the noise samples as its batch, as ROME's code); "fast", every restoration and noise sample a row of one batched
-hooked forward (`batch_size` rows per forward), each row restoring its own layers and position. The fast path
-recomputes the layers below the restored one too (they equal the corrupted run's); it saves the per-forward
-overhead of hundreds of small forwards, not those FLOPs.
+(the noise samples as its batch, as ROME's code); "fast", every restoration and noise sample a row of one batch
+that joins at the lowest layer it restores, from its sample's corrupted block input there, and runs the real
+blocks above (a staircase, as the knowledge neurons' attribution); nothing below the restored layers is
+recomputed. Both recompute every position of the layers they run.
 
 Knockout: P when the last position cannot read some positions (the subject's, the other non-last ones, or its
 own) in the layers of a window around l: attention edges masked for transformers (scores -inf), and for
@@ -225,29 +225,62 @@ class CausalTracer:
         return out
 
     def _fast(self, run: _Corrupted, site: str, window: int, batch_size: int | None) -> Tensor:
-        """(n_layers, T): rows r = ((layer, t), sample) of batched forwards, `batch_size` rows each (None: all).
+        """(n_layers, T): rows r = ((layer, t), sample) that join a batch at their lowest restored layer.
 
-        Positions before the subject are the same in the clean and the corrupted run at every layer, so
-        restoring them changes nothing: their rows are not run, they get the corrupted runs' P (exactly).
+        The corrupted runs' block inputs are computed once (one forward of the samples); a row enters the batch
+        at the lowest layer it restores, with its sample's corrupted block input there, and goes through the real
+        blocks above (`Adapter.run_block`), the restore hooks acting on its rows; nothing below is recomputed.
+        The LM head runs on the last position only. Positions before the subject are the same in the clean and
+        the corrupted run at every layer, so restoring them changes nothing: their rows are not run and get the
+        corrupted runs' P (exactly). `batch_size` rows per staircase at most (None: all).
         """
         L, T, S = self.n_layers, len(run.ids), run.samples
-        first = min(run.subject)
-        grid = torch.arange(L * T * S).view(L, T, S)[:, first:].flatten()
+        inputs, p_samples = self._corrupted_inputs(run)  # L x (S, T, d_model), (S,)
+        grid = torch.arange(L * T * S).view(L, T, S)[:, min(run.subject):].flatten()
         layer_of, t_of, sample_of = grid // (T * S), grid // S % T, grid % S
-        probs = self._probabilities(run, torch.arange(S), [], last_only=True).double().cpu().repeat(L * T)
+        low = layer_of if site == "residual" else (layer_of - window // 2).clamp(min=0)
+        high = layer_of + 1 if site == "residual" else (layer_of - window // 2 + window).clamp(max=L)
+        order = torch.argsort(low, stable=True)  # rows join in layer order: the active rows are a prefix
+        probs = p_samples.repeat(L * T)
         chunk = batch_size or len(grid)
         for start in range(0, len(grid), chunk):
-            part = slice(start, start + chunk)
-            lay, pos = layer_of[part], t_of[part]
-            restorations = []
-            for j in range(L):
-                low, high = (lay, lay + 1) if site == "residual" else (
-                    (lay - window // 2).clamp(min=0), (lay - window // 2 + window).clamp(max=L))
-                mine = torch.nonzero((low <= j) & (j < high))[:, 0]  # the chunk's rows that restore layer j
-                if len(mine):
-                    restorations.append((j, site, mine, pos[mine]))
-            probs[grid[part]] = self._probabilities(run, sample_of[part], restorations, last_only=True).double().cpu()
+            rows = order[start : start + chunk]
+            p = self._staircase(run, site, inputs, low[rows], high[rows], t_of[rows], sample_of[rows])
+            probs[grid[rows]] = p
         return probs.view(L, T, S).mean(-1)
+
+    def _corrupted_inputs(self, run: _Corrupted) -> tuple[list[Tensor], Tensor]:
+        """The block inputs of every layer in the corrupted runs, L x (samples, T, d_model), and their P (samples,)."""
+        inputs: list[Tensor] = []
+
+        def grab(module, args, kwargs):
+            inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+        handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in self.adapter.layers]
+        with _removing(handles):
+            p = self._probabilities(run, torch.arange(run.samples), [], last_only=True)
+        return inputs, p.double().cpu()
+
+    def _staircase(self, run: _Corrupted, site: str, inputs: list[Tensor], low: Tensor, high: Tensor, t: Tensor,
+                   sample: Tensor) -> Tensor:
+        """(rows,) P of rows sorted by `low`, each restoring `site` at position t (rows,) in layers low <= j < high,
+        starting from the corrupted block input of its sample at layer low."""
+        ad = self.adapter
+        handles: list[RemovableHandle] = []
+        for j in range(int(low[0]), self.n_layers):
+            mine = torch.nonzero((low <= j) & (j < high))[:, 0]
+            if len(mine):
+                positions = t[mine].to(ad.device)
+                handles += ad.restore_hooks(j, site, mine.to(ad.device), positions, run.clean[site][j][positions])
+        h = None
+        with _removing(handles):
+            for j in range(int(low[0]), self.n_layers):
+                joins = sample[low == j].to(ad.device)
+                if len(joins):
+                    h = inputs[j][joins] if h is None else torch.cat([h, inputs[j][joins]])
+                h = ad.run_block(j, h)
+        target = torch.full((len(h),), run.target, device=ad.device)
+        return ad.answer_probability(h[:, -1], target).double().cpu()
 
     # --- restoring chosen neurons ------------------------------------------------------------------------------
     def restore_neurons(self, prompt: str, answer: str, subject: str, neuron_sets: Sequence[Sequence[tuple[int, int]]],

@@ -173,5 +173,7 @@ def trace_model(model, tokenizer, facts: Sequence[Fact], refined: Mapping[str, S
                for fact in tqdm(facts, desc=f"causal trace {label}".strip(), unit="fact", disable=not progress)]
     return {"options": {**asdict(options), "noise": nu, "noise_rule": "given" if options.noise is not None else
                         "3 x std of the subjects' token embeddings over the facts (ROME)"},
-            "n_layers": tracer.n_layers, "token_mixing_site": tracer.adapter.token_mixing_kind,
+            "n_layers": tracer.n_layers,
+            "sites": {"residual": "block output", "kn_site": f"output of the module whose input is the neurons: "
+                      f"{tracer.adapter.neuron_site}", "token_mixing": tracer.adapter.mixing_site},
             "facts": records, "summary": summarise(records, tracer.n_layers, refined, options)}

@@ -80,6 +80,7 @@ class TransformerAdapter(Adapter):
     """
 
     token_mixing_kind = "attention weights of the last position, heads averaged"
+    mixing_site = "attention output (after its output projection, before the residual sum)"
 
     def _qkv(self, layer: int, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
@@ -116,6 +117,18 @@ class TransformerAdapter(Adapter):
         index = torch.zeros(1, dtype=torch.long, device=x.device)
         resid, acts = self.pre_neurons(layer, x[-1:], state, index, blocked=blocked[None])
         return (resid + self.project(layer, acts))[0]
+
+    def run_block(self, layer: int, h: Tensor) -> Tensor:
+        """As `Adapter.run_block`, with the causal mask (additive, (1, 1, T, T)) and `_block_kwargs`."""
+        T = h.shape[1]
+        above = torch.ones(T, T, dtype=torch.bool, device=h.device).triu(1)
+        mask = torch.zeros(T, T, dtype=h.dtype, device=h.device).masked_fill(above, torch.finfo(h.dtype).min)
+        out = self.layers[layer](h, attention_mask=mask[None, None], **self._block_kwargs(h))
+        return out[0] if isinstance(out, tuple) else out
+
+    def _block_kwargs(self, h: Tensor) -> dict:
+        """What else a block call needs for inputs h (rows, T, d_model) (rotary embeddings)."""
+        return {}
 
     def _attend(self, layer: int, h: Tensor, state: KV, index: Tensor, blocked: Tensor | None = None) -> Tensor:
         """(rows, d_model) block inputs at the last position -> (rows, heads * head_dim) attention output;

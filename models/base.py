@@ -78,6 +78,7 @@ class Adapter:
         raise NotImplementedError
 
     token_mixing_kind: str  # what `token_mixing` measures, for the output files
+    mixing_site: str  # what `mixing_module` outputs (causal tracing's token-mixing site), for the output files
 
     def token_mixing(self, input_ids: Tensor) -> Tensor:
         """How much the last position reads from each position, per layer: (n_layers, T), rows >= 0 summing to 1.
@@ -98,6 +99,12 @@ class Adapter:
         hidden-attention terms), so the positions before it are untouched.
         """
         raise NotImplementedError
+
+    def run_block(self, layer: int, h: Tensor) -> Tensor:
+        """(rows, T, d_model) block inputs of whole sequences -> (rows, T, d_model) outputs, by the real module (so
+        forward hooks on it and its submodules fire); subclasses pass what else the block needs."""
+        out = self.layers[layer](h)
+        return out[0] if isinstance(out, tuple) else out
 
     # --- causal tracing: the three restoration sites -------------------------------------------------------
     def site_module(self, layer: int, site: str) -> nn.Module:

@@ -148,6 +148,7 @@ class SSMAdapter(Adapter):
         return self._state(conv_prefix(s.xs, before, self.layers[layer].mixer.conv1d), s.final_states(before))
 
     token_mixing_kind = "hidden attention: mean |alpha_{T-1, j}| over decay units, normalised to sum 1"
+    mixing_site = "selective-scan output y (with D x) before the gate; restored under the running forward's gate"
 
     def token_mixing(self, input_ids: Tensor) -> Tensor:
         inputs, _, _ = self.block_io(input_ids)

@@ -44,7 +44,7 @@ def test_fast_equals_reference_swap(tracer64):
 
 def test_restoring_last_block_output_gives_clean(tracer64):
     t = tracer64.trace(PROMPT2, ANSWER, SUBJECT2, samples=2, seed=0, window=1)
-    assert t.residual[-1, -1].item() == pytest.approx(t.p_clean, abs=1e-12)
+    assert t.residual[-1, -1].item() == pytest.approx(t.p_clean, rel=1e-6)
     # restoring every subject position's block-0 output undoes a noise that only touched the subject embeddings
     assert t.p_corrupt != pytest.approx(t.p_clean, abs=1e-9)
 
