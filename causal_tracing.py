@@ -25,8 +25,9 @@ recomputed. Both recompute every position of the layers they run.
 Knockout: P when the last position cannot read some positions (the subject's, the other non-last ones, or its
 own) in the layers of a window around l: attention edges masked for transformers (scores -inf), and for
 state-space models the blocked positions' terms alpha[T-1, s] x_s removed from the last position's scan output
-(the hidden attention, exact: nothing blocked gives the clean run). Only the last position changes, so the
-positions before it keep their clean block inputs and the last position is stepped through the layers
+(the hidden attention, exact: nothing blocked gives the clean run; the causal convolution before the scan is left
+alone and still mixes the d_conv - 1 positions before the last into its input). Only the last position changes,
+so the positions before it keep their clean block inputs and the last position is stepped through the layers
 (`Adapter.knockout_output`).
 """
 

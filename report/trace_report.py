@@ -98,6 +98,16 @@ def trace_section(docs: Mapping[str, dict], caveat: str | None = None) -> str:
     ]
     if caveat:
         lines += [f"> {caveat}: these numbers show the method at work, not what real models know.", ""]
+    whole = [label for label, doc in docs.items() if o["window"] >= doc["n_layers"]]
+    if whole:
+        lines += [f"With a window of {o['window']} layers, every centre layer of {', '.join(whole)} restores all its "
+                  "layers: their neuron and token-mixing maps are constant over layers, and the layer correlation "
+                  "is undefined (pass a smaller --trace-window).", ""]
+    if any(doc["architecture"] not in ("gpt2", "gpt_neox") for doc in docs.values()):
+        lines += ["A state-space model's knockout removes hidden-attention terms; its causal convolution still "
+                  "lets the last position read the few positions just before it (d_conv - 1), subject tokens "
+                  "among them, so a small knockout effect there is a bound, not proof that the subject is unread.",
+                  ""]
     lines += ["```", trace_table(docs), "```", ""]
     lines += [f"- {_verdict(label, doc)}" for label, doc in docs.items()]
     lines += ["", f"![causal trace AIE]({first['figures']['aie_curves']})", ""]
