@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from causal_tracing import SITES
 from report.figures import _caveat, new_figure, save
@@ -57,6 +58,7 @@ def plot_aie_curves(summaries: Mapping[str, dict], path: Path, caveat: str | Non
             ax.axhline(0, color="grey", lw=0.5)
             ax.set_title(f"{label}: {SITE_TITLES[site]} ({summary['facts']} facts)", fontsize=9)
             ax.set_xlabel("layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("AIE = P restored - P corrupted")
             if row == 0 and col == 0:
                 ax.legend(fontsize=7)
