@@ -48,6 +48,7 @@ def main() -> None:
             save_model(arch, Path(folder), [prompt, ANSWER])
             model, tok = load_model(folder, "cpu")
         rows.append(measure(CausalTracer(model, tok), arch, prompt, args))
+        print(rows[-1], flush=True)  # as soon as it is measured: the models take minutes each on a CPU
     print(table(["model", "tokens", "samples", "fast s", "reference s", "speed-up", "max |diff|"], rows))
 
 
