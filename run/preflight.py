@@ -27,6 +27,7 @@ from run import distributed
 log = logging.getLogger(__name__)
 
 EDITING = ("comprehensive", "edit")  # the modes that run the editing stage
+TRACING = ("comprehensive", "trace")  # the modes that run the causal-tracing stage
 
 
 def _warn(message: str, *args: Any) -> None:
@@ -60,13 +61,18 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "attention_facts": (lambda v: v >= 1, "an integer >= 1 (a sample size; a large number for all facts)"),
     "edit_lambdas": (lambda v: all(math.isfinite(x) and x >= 0 for x in v),
                      "two finite numbers >= 0 (a negative lambda inverts the edit)"),
+    "noise": (_given(lambda v: 0 < v < math.inf), "a finite number > 0"),
+    "trace_samples": (lambda v: v >= 1, "an integer >= 1"),
+    "trace_window": (lambda v: v >= 1, "an integer >= 1"),
+    "knockout_window": (lambda v: v >= 1, "an integer >= 1"),
 }
 
 # option -> the modes that use it; another mode ignores it, and says so when it was given
 USED_IN: dict[str, tuple[str, ...]] = {
-    "random_draws": EDITING, "permutations": ("comprehensive",), "bootstrap": ("comprehensive",),
+    "random_draws": (*EDITING, "trace"), "permutations": ("comprehensive",), "bootstrap": ("comprehensive", "trace"),
     "edit_rule": EDITING, "edit_lambdas": EDITING, "erase_top": EDITING, "save_edited": EDITING,
     "edit_facts": EDITING, "locality_prompts": EDITING, "attention_facts": ("attention", "comprehensive"),
+    **{dest: TRACING for dest in ("corruption", "noise", "trace_samples", "trace_window", "knockout_window")},
 }
 
 
@@ -173,13 +179,7 @@ def check_demo(args: argparse.Namespace, facts: Sequence[Fact]) -> None:
 
 
 def check_trace_options(args: argparse.Namespace) -> None:
-    """The causal-tracing options (trace, comprehensive): counts >= 1, a positive finite noise level."""
-    for option, value in (("--trace-samples", args.trace_samples), ("--trace-window", args.trace_window),
-                          ("--knockout-window", args.knockout_window)):
-        if value < 1:
-            raise UserError(f"{option} {value}: must be at least 1")
-    if args.noise is not None and not (0 < args.noise < float("inf")):
-        raise UserError(f"--noise {args.noise}: must be a positive number")
+    """What `RANGES` cannot say of the causal-tracing options: --noise belongs to --corruption noise."""
     if args.noise is not None and args.corruption == "swap":
         raise UserError("--noise sets the noise of --corruption noise; it has no meaning with --corruption swap")
 
