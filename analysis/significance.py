@@ -17,7 +17,7 @@ exact over every pair of facts, from the sparse pair entries of `analysis.overla
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 
 import numpy as np
@@ -193,3 +193,24 @@ def bootstrap_relation_means(
                       for _ in range(n_boot)]).reshape(n_boot, 2)
     return {name: _interval(point[k], draws[:, k], level, n_boot, seed)
             for k, name in enumerate(("intra_jaccard", "inter_jaccard"))}
+
+
+def bootstrap_mean(values: Sequence[float | None], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile bootstrap interval of the mean of independent values, one per fact (None: left out).
+
+    For per-fact quantities such as a restoration's effect; pair statistics, whose pairs share facts, use
+    `bootstrap_relation_means` instead. Returns {mean, low, high, level, n_boot, seed} (None when no value).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    data = np.asarray([v for v in values if v is not None], dtype=float)
+    result = {"mean": None, "low": None, "high": None, "level": level, "n_boot": n_boot, "seed": seed}
+    if data.size == 0:
+        return result
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(n_boot, data.size))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    result.update(mean=float(data.mean()), low=float(low), high=float(high))
+    return result

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis.interventions import random_controls
-from analysis.overlap import bootstrap_ci
+from analysis.significance import bootstrap_mean
 from causal_tracing import KNOCKOUTS, SITES, CausalTracer
 from common.errors import UserError
 from facts import Fact
@@ -134,8 +134,8 @@ def summarise(records: Sequence[dict], n_layers: int, refined: Mapping[str, Sequ
     last = np.asarray(aie["kn_site"])[:, GROUPS.index("last")]
     cross = {
         "facts": len(checked),
-        "restore_kn": bootstrap_ci([c["restore_kn"] for c in checked], options.bootstrap, options.seed),
-        "restore_random": bootstrap_ci([c["restore_random"] for c in checked], options.bootstrap, options.seed),
+        "restore_kn": bootstrap_mean([c["restore_kn"] for c in checked], options.bootstrap, options.seed),
+        "restore_random": bootstrap_mean([c["restore_random"] for c in checked], options.bootstrap, options.seed),
         "kn_layer_distribution": (per_layer / per_layer.sum()).tolist() if per_layer.sum() else None,
         "layer_correlation": {"last_subject_token": _pearson(per_layer, last_subject),
                               "last_token": _pearson(per_layer, last)},

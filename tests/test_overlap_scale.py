@@ -11,7 +11,13 @@ import overlap_reference as reference
 import pytest
 
 from analysis.overlap import incidence, iter_pair_rows, overlap_from_incidence, overlap_statistics, write_pairs_file
-from analysis.significance import PairJaccard, bootstrap_relation_means, permutation_test, resample_weights
+from analysis.significance import (
+    PairJaccard,
+    bootstrap_mean,
+    bootstrap_relation_means,
+    permutation_test,
+    resample_weights,
+)
 
 
 def invented(n_facts, n_relations, seed, n_layers=3, width=6, max_size=5, one_fact_relation=True):
@@ -206,3 +212,15 @@ def test_bootstrap_rejects_bad_arguments():
         bootstrap_relation_means(sets, relations, level=1.0)
     with pytest.raises(ValueError, match="n_boot"):
         bootstrap_relation_means(sets, relations, n_boot=0)
+
+
+def test_bootstrap_mean_resamples_the_values_one_resample_at_a_time():
+    values = [0.1, None, 0.5, 0.2, 0.9, 0.4]
+    got = bootstrap_mean(values, n_boot=300, seed=3)
+    data = np.array([v for v in values if v is not None])
+    rng = np.random.default_rng(3)
+    means = [data[rng.integers(0, data.size, size=data.size)].mean() for _ in range(300)]
+    low, high = np.quantile(means, [0.025, 0.975])
+    assert got["mean"] == pytest.approx(data.mean()) and got["low"] == pytest.approx(low)
+    assert got["high"] == pytest.approx(high) and low < data.mean() < high
+    assert bootstrap_mean([None], n_boot=10)["mean"] is None
