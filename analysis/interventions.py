@@ -70,7 +70,7 @@ def edited_answer_probability(kn: KnowledgeNeurons, prompt_ids: list[int], answe
     handles = [ad.neuron_module(layer).register_forward_pre_hook(scale(layer)) for layer in range(ad.n_layers)]
     try:
         with torch.no_grad():
-            logits = kn.model(ids[None].expand(rows, -1), use_cache=False).logits[:, positions]  # (rows, n, V)
+            logits = kn.adapter.logits(ids[None].expand(rows, -1))[:, positions]  # (rows, n, V)
     finally:
         for handle in handles:
             handle.remove()

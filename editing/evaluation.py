@@ -76,7 +76,7 @@ def score(kn: KnowledgeNeurons, probes: Sequence[Probe], max_rows: int = 32, max
             ids[r, : len(tokens) - 1], targets[r, : len(tokens) - 1] = tokens[:-1], tokens[1:]
             mask[r, : len(tokens) - 1] = 1
         with torch.no_grad():
-            logits = kn.model(ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            logits = kn.adapter.logits(ids.to(device), mask.to(device))  # (rows, T, vocab)
             logp = logits.float().log_softmax(-1)  # (rows, T, vocab)
             picked = logp.gather(-1, targets.to(device)[..., None])[..., 0].double().cpu().numpy()  # (rows, T)
             top1 = logp.argmax(-1).cpu().numpy()  # (rows, T)

@@ -187,6 +187,11 @@ class Adapter:
         resid, acts = self.pre_neurons(layer, h, state, index)
         return resid + self.project(layer, acts)
 
+    def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(P, T) right-padded token ids and their mask -> (P, T, vocab) the model's logits at every position.
+        Hooks on `neuron_module` see the neurons of every position (adapters may recompute the forward faster)."""
+        return self.model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+
     def head(self, h: Tensor) -> Tensor:
         """(rows, d_model) last block output -> (rows, vocab) logits."""
         return self.model.get_output_embeddings()(self.final_norm()(h))

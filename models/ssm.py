@@ -107,6 +107,29 @@ class SSMInputs:
             states.append(torch.einsum("ptun,ptuc->pucn", weight, x[p : p + chunk]))
         return torch.cat(states)
 
+    def outputs(self) -> Tensor:
+        """(P, T, d_inner) the scan output y at every position (with the D skip, before the gate); the fields carry
+        the prompt dimension P.
+
+        The recurrence h_t = exp(Delta_t A) h_{t-1} + Delta_t B_t x_t, y_t = C_t . h_t + D x_t, step by step as
+        the reference code, with the factors of every step built at once straight into a time-major, contiguous
+        layout (units split as (groups, units per group), so B and C broadcast instead of being copied per unit):
+        a step is one fused multiply-add, and the readout one batched product over all steps.
+        """
+        T, H, G = self.dt.shape[1], self.dt.shape[2], self.B.shape[-2]
+        dt = self.dt.transpose(0, 1).unflatten(-1, (G, -1))  # (T, P, G, H/G)
+        x = self.u.transpose(0, 1).unflatten(-1, (G, H // G, -1))  # (T, P, G, H/G, c) c channels per unit
+        B, C = self.B.transpose(0, 1), self.C.transpose(0, 1)  # (T, P, G, d_state)
+        A = self.A.unflatten(0, (G, -1))  # (G, H/G, d_state or 1)
+        decay = torch.exp(dt[..., None] * A)[..., None, :]  # (T, P, G, H/G, 1, d_state or 1)
+        states = (dt[..., None, None] * x[..., None]) * B[:, :, :, None, None, :]  # (T, P, G, H/G, c, d_state)
+        h = states[0]
+        for t in range(1, T):
+            h = torch.addcmul(states[t], decay[t], h, out=states[t])
+        y = torch.matmul(states.flatten(3, 4), C[..., None])[..., 0]  # (T, P, G, H/G * c)
+        y = y.flatten(2).transpose(0, 1)  # (P, T, d_inner)
+        return y + self.D.repeat_interleave(self.u.shape[-1] // H) * self.u
+
 
 def causal_conv(xs: Tensor, conv: nn.Conv1d) -> Tensor:
     """The depthwise causal conv of the mixers: xs (..., T, channels) -> (..., T, channels)."""
@@ -146,6 +169,17 @@ class SSMAdapter(Adapter):
     def layer_states(self, layer: int, x: Tensor, before: Tensor):
         s = self.ssm_inputs(layer, x)
         return self._state(conv_prefix(s.xs, before, self.layers[layer].mixer.conv1d), s.final_states(before))
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The model's logits (P, T, vocab) of right-padded prompts (P, T), recomputed block by block from the
+        weights with a chunked scan (`SSMInputs.outputs`); the neurons go through `neuron_module`, so its hooks
+        fire as in the model's own forward. The mask is not needed: a position never reads the pads after it."""
+        h = self.model.get_input_embeddings()(input_ids)  # (P, T, d_model)
+        for layer in range(self.n_layers):
+            s = self.ssm_inputs(layer, h)
+            y = s.outputs()  # (P, T, d_inner)
+            h = h + self.project(layer, y * self.neuron_factor(layer, y, s.z))
+        return self.head(h)
 
     token_mixing_kind = "hidden attention: mean |alpha_{T-1, j}| over decay units, normalised to sum 1"
     mixing_site = "selective-scan output y (with D x) before the gate; restored under the running forward's gate"

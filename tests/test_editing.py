@@ -93,6 +93,51 @@ def test_restored_bit_for_bit_after_update_erase_and_errors(tiny_model):
     assert _unchanged(model, before)
 
 
+def test_adapter_logits_are_the_models_with_padding_and_hooks(tiny_model):
+    """`Adapter.logits` (state-space models: recomputed with their own scan) equals the model's own forward at
+    every position a right-padded prompt has, also with a hook scaling neurons (as editing and interventions do)."""
+    model, _ = tiny_model
+    ad = adapter_for(model)
+    torch.manual_seed(0)
+    lengths = [9, 1, 5, 9]
+    ids = torch.randint(1, model.config.vocab_size, (len(lengths), max(lengths)))
+    mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long()
+    scales = torch.rand(len(lengths), 1, ad.width) * 2
+    rows = {"now": slice(None)}  # the rows of `scales` the hook applies
+
+    def hook(module, args):
+        return (args[0] * scales[rows["now"]],)
+
+    for hooked in (False, True):
+        handle = ad.neuron_module(1).register_forward_pre_hook(hook) if hooked else None
+        try:
+            with torch.no_grad():
+                rows["now"] = slice(None)
+                ours = ad.logits(ids, mask)
+                for row, n in enumerate(lengths):  # each prompt alone, unpadded: the reference
+                    rows["now"] = slice(row, row + 1)
+                    alone = model(ids[row : row + 1, :n], use_cache=False).logits[0]
+                    torch.testing.assert_close(ours[row, :n], alone, rtol=1e-4, atol=1e-4)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+
+def test_score_equals_one_full_model_forward_per_probe(demo_kn):
+    """The batched score through `Adapter.logits` against the straightforward path: one forward of the model
+    itself per probe, log-softmax in float64."""
+    _, kn = demo_kn
+    probes = [fact_probe(kn.tokenizer, f, p, f.answer) for f in SUBSET for p in f.prompts]
+    probes += [Probe(kn.tokenizer(s, add_special_tokens=False)["input_ids"], 1) for s in SENTENCES[:6]]
+    for probe, s in zip(probes, score(kn, probes), strict=True):
+        ids = torch.tensor([probe.tokens[:-1]])
+        with torch.no_grad():
+            logp = kn.model(ids, use_cache=False).logits[0].double().log_softmax(-1)[probe.start - 1:]
+        targets = torch.tensor(probe.tokens[probe.start:])
+        np.testing.assert_allclose(s.logp, logp[torch.arange(len(targets)), targets].numpy(), rtol=1e-4, atol=1e-4)
+        assert np.array_equal(s.top1, logp.argmax(-1).numpy())
+
+
 def test_relation_neurons_are_the_most_frequent():
     refined = {"a": [(0, 1, 0.5), (1, 2, 0.1)], "b": [(0, 1, 0.3), (2, 4, 0.2)], "c": [(2, 4, 0.1), (0, 1, 0.9)],
                "other": [(3, 3, 1.0)] * 5}
