@@ -44,7 +44,7 @@ from torch.utils.hooks import RemovableHandle
 
 from common.errors import UserError
 from common.tokens import encode, subject_positions
-from models import Adapter, adapter_for
+from models import Adapter, adapter_for, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class CausalTracer:
             raise UserError(f"unknown tracing method {method!r}: use 'fast' or 'reference'")
         if window < 1:
             raise UserError(f"window {window} must be >= 1")
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             run = self._corrupted(prompt, answer, subject, corruption, samples, seed, noise, swap_subject)
             p_corrupt = self._probabilities(run, torch.arange(run.samples), []).mean().item()
             maps = {site: (self._fast if method == "fast" else self._reference)(run, site, window, batch_size)
@@ -290,7 +290,7 @@ class CausalTracer:
         """(P clean, P corrupted, (n_sets,) P corrupted with only the neurons (layer, index) of a set restored to
         their clean activations at the last position), means over the noise samples; one batched forward of
         n_sets x samples rows."""
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             run = self._corrupted(prompt, answer, subject, corruption, samples, seed, noise, swap_subject, record=False)
             ad, S = self.adapter, run.samples
             clean = ad.prefix(run.clean_ids).acts[0]  # (n_layers, width) at the last position
@@ -327,7 +327,7 @@ class CausalTracer:
             blocked[[p for p in range(T - 1) if p not in positions]] = True
         else:
             blocked[T - 1] = True
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             inputs, _, _ = self.adapter.block_io(torch.tensor(prompt_ids, device=self.adapter.device))
             out = [self.knocked_out(inputs, answer_ids[0], blocked, self._layers("window", layer, window))
                    for layer in range(self.n_layers)]
@@ -374,12 +374,3 @@ def _removing(handles: list[RemovableHandle]) -> Iterator[None]:
         for handle in handles:
             handle.remove()
 
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(training)

@@ -22,8 +22,7 @@ and the fact-prompt's score is the mean over answer tokens.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 
 from common.errors import UserError
 from common.tokens import encode, encode_prompt, teacher_forced
-from models import Adapter, Prefix, adapter_for
+from models import Adapter, Prefix, adapter_for, eval_mode
 
 IG_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 Neuron = tuple[int, int, float]  # (layer, neuron index, score)
@@ -129,14 +128,14 @@ class KnowledgeNeurons:
 
     def activations(self, prompt: str) -> Tensor:
         """(n_layers, width) neuron activations at the prompt's last position (e.g. for a baseline)."""
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return self.adapter.prefix(self._ids(encode_prompt(self.tokenizer, prompt))).acts[0]
 
     def activations_many(self, prompts: Sequence[str], batch: int = 64, progress: bool = False) -> Tensor:
         """(P, n_layers, width) neuron activations at each prompt's last position, `batch` prompts per forward."""
         ids = [self._ids(encode_prompt(self.tokenizer, p)) for p in prompts]
         starts = tqdm(range(0, len(ids), batch), desc="activations", unit="batch", disable=not progress)
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return torch.cat([self.adapter.prefixes(ids[i : i + batch]).acts for i in starts])
 
     def get_coarse_neurons(self, prompt: str, answer: str, threshold: float = 0.2, **kwargs) -> list[Neuron]:
@@ -198,7 +197,7 @@ class KnowledgeNeurons:
         encoded = [encode(self.tokenizer, p, a, n) for (p, a), n in zip(items, names, strict=True)]
         instances = [inst for ids in encoded for inst in teacher_forced(*ids)]  # (input ids, target) pairs
         alphas, weights = quadrature(ig_method, steps)
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             if method == "fast":
                 results = self._fast(instances, alphas, weights, batch_size, baseline)
             else:
@@ -342,17 +341,6 @@ class KnowledgeNeurons:
                 handle.remove()
         return torch.stack(acts)
 
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for the block (dropout off; transformers' CUDA Mamba kernels fuse out_proj, the neurons, in
-    training mode), then the model's own mode again."""
-    training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(training)
 
 
 def _set_last_position(values: Tensor):

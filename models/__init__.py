@@ -9,7 +9,7 @@ name, not re-exported here: it needs the fact table).
 May import `common` and, in `demo` only, the top-level `facts` module; never a method module or a package above.
 """
 
-from models.base import Adapter, Prefix
+from models.base import Adapter, Prefix, eval_mode
 from models.falcon_mamba import FalconMambaAdapter
 from models.gpt2 import GPT2Adapter
 from models.loading import load_config, load_model, load_tokenizer, quiet_kernel_advice, resolve_device
@@ -18,6 +18,21 @@ from models.mamba2 import Mamba2Adapter
 from models.registry import ADAPTERS, adapter_for
 from models.ssm import SSMAdapter, SSMInputs
 
-__all__ = ["ADAPTERS", "Adapter", "FalconMambaAdapter", "GPT2Adapter", "Mamba2Adapter", "MambaAdapter", "Prefix",
-           "SSMAdapter", "SSMInputs", "adapter_for", "load_config", "load_model", "load_tokenizer",
-           "quiet_kernel_advice", "resolve_device"]
+__all__ = [
+           "ADAPTERS",
+           "Adapter",
+           "FalconMambaAdapter",
+           "GPT2Adapter",
+           "Mamba2Adapter",
+           "MambaAdapter",
+           "Prefix",
+           "SSMAdapter",
+           "SSMInputs",
+           "adapter_for",
+           "eval_mode",
+           "load_config",
+           "load_model",
+           "load_tokenizer",
+           "quiet_kernel_advice",
+           "resolve_device",
+]

@@ -8,6 +8,8 @@ cache classes, whose API changes between releases) and checked against the model
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,17 @@ from torch.utils.hooks import RemovableHandle
 
 from models.head import TargetProbability
 
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block (dropout off; transformers' CUDA Mamba kernels fuse out_proj, the neurons, in
+    training mode), then the model's own mode again."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
 
 @dataclass
 class Prefix:

@@ -169,7 +169,8 @@ def test_ignored_options_are_recorded_in_the_json(models, tmp_path):  # case 9
     assert main(["knowledge", *models, "--facts", _facts_file(tmp_path / "f.jsonl", FACTS6[:2]), "--steps", "2",
                  "--bootstrap", "10", "--out", str(out), "-q"]) == 0
     doc = json.loads((out / "gpt2_knowledge_neurons.json").read_text())
-    assert doc["warnings"] == ["--bootstrap 10 is ignored: knowledge mode does not use it (used in comprehensive mode)"]
+    assert doc["warnings"] == [
+        "--bootstrap 10 is ignored: knowledge mode does not use it (used in comprehensive and trace mode)"]
     assert "warnings" not in doc["arguments"] and doc["arguments"]["bootstrap"] == 10
 
 
