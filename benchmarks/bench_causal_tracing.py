@@ -42,14 +42,15 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     prompt = PROMPTS[11]
+    headers = ["model", "tokens", "samples", "fast s", "reference s", "speed-up", "max |diff|"]
     rows = []
     for arch in args.archs:
         with tempfile.TemporaryDirectory() as folder:
             save_model(arch, Path(folder), [prompt, ANSWER])
             model, tok = load_model(folder, "cpu")
         rows.append(measure(CausalTracer(model, tok), arch, prompt, args))
-        print(rows[-1], flush=True)  # as soon as it is measured: the models take minutes each on a CPU
-    print(table(["model", "tokens", "samples", "fast s", "reference s", "speed-up", "max |diff|"], rows))
+        print(table(headers, rows[-1:]), flush=True)  # as soon as it is measured: minutes a model on a CPU
+    print(table(headers, rows))
 
 
 def measure(tracer: CausalTracer, arch: str, prompt: str, args: argparse.Namespace) -> list:
