@@ -8,6 +8,8 @@ from collections.abc import Set as AbstractSet
 
 import numpy as np
 
+from analysis.significance import bootstrap_mean
+
 Neuron = tuple[int, int]
 
 # Permuted statistics within this (relative) distance below the observed one count as ties, so that
@@ -182,20 +184,8 @@ def permutation_test(
     return result
 
 
-def bootstrap_ci(
-    values: Sequence[float | None], n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> dict:
-    """Percentile bootstrap confidence interval of the mean of the values that are not None."""
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
-    data = np.asarray([v for v in values if v is not None], dtype=float)
-    result = {"mean": None, "low": None, "high": None, "level": level, "n_boot": n_boot, "seed": seed}
-    if data.size == 0:
-        return result
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(n_boot, data.size))].mean(axis=1)
-    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    result.update(mean=float(data.mean()), low=float(low), high=float(high))
-    return result
+def bootstrap_ci(values: Sequence[float | None], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """The former pair bootstrap: a percentile bootstrap of the mean of the pairs' values, as if they were
+    independent. Its arithmetic is `analysis.significance.bootstrap_mean`, which the package keeps for per-fact
+    values; here it is applied to pairs, as the old pipeline did."""
+    return bootstrap_mean(values, n_boot, seed, level)
