@@ -99,7 +99,7 @@ def run(code: Path, tmp: Path, args, extra: list[str]) -> dict:
     wall = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"{code}: main.py knowledge failed:\n{done.stderr[-3000:]}")
-    rates = {m[1]: float(m[4]) for m in STAGE.finditer(done.stderr)}
+    rates = {m[1].lower().replace("-", ""): float(m[4]) for m in STAGE.finditer(done.stderr)}  # GPT-2 or gpt2
     return {"wall": wall, **rates}
 
 
@@ -128,11 +128,11 @@ def main() -> None:
                     best[name] = r
     load = os.getloadavg()
     rows = []
-    for key in ("GPT-2", "Mamba", "wall"):
+    for key, name in (("gpt2", "GPT-2 stage"), ("mamba", "Mamba stage"), ("wall", "end to end")):
         this, ref = best["this"].get(key), best["reference"].get(key)
         if key == "wall":
             this, ref = 2 * n_prompts / this, 2 * n_prompts / ref  # prompts x models / wall time
-        rows.append([f"{key} stage" if key != "wall" else "end to end", ref, this,
+        rows.append([name, ref, this,
                      this / ref if this and ref else None])
     commit = subprocess.run(["git", "-C", str(args.code), "log", "-1", "--format=%h %s"], capture_output=True,
                             text=True).stdout.strip()
