@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write every pair of facts' Jaccard and intersection (all layers and per layer) to "
                         "<out>/<label>_overlap_pairs.jsonl.gz, streamed; the JSON holds the pair table only up to "
                         "300 facts. Grows with the square of the facts")
+    s.add_argument("--cross-facts", type=int, default=30, metavar="K",
+                   help="comprehensive: each fact's neurons are also suppressed on K other facts of its relation and "
+                        "K of other relations (the controls of the causal checks), seeded samples, all when there "
+                        "are fewer; keeps the stage linear in the facts (default: %(default)s)")
     s.add_argument("--attention-facts", type=int, default=500, metavar="N",
                    help="attention and comprehensive: token mixing, hidden attention and token flow on a seeded "
                         "sample of N facts, all when there are fewer; maps of the first 30 (default: %(default)s)")
@@ -141,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trace-window", type=int, default=TraceOptions.window, metavar="W",
                    help="layers restored around each layer for the neuron and token-mixing sites "
                    "(default: %(default)s, as ROME)")
+    t.add_argument("--trace-facts", type=int, default=500, metavar="N",
+                   help="trace a seeded sample of N facts (their first prompt), all when there are fewer "
+                        "(default: %(default)s)")
     t.add_argument("--knockout-window", type=int, default=TraceOptions.knockout_window, metavar="W",
                    help="layers around each layer in which the last position is knocked out (default: %(default)s, "
                    "as Geva et al.)")

@@ -3,7 +3,8 @@
 Suppress (activation x 0) or amplify (x 2) a fact's refined knowledge neurons at the positions that predict the
 answer's tokens, and measure P(answer) under teacher forcing (the product over answer tokens). Controls: the same
 number of random neurons from the same layers (several seeded draws), and the fact's neurons applied to the
-other facts of its relation and of other relations.
+other facts of its relation and of other relations: to at most `cross_facts` of each (a seeded sample; all when
+there are no more), so the stage grows linearly with the facts.
 
 Every edit of one prompt runs as one row of a single batched forward pass: row r multiplies the neurons of layer
 l at the answer positions by `multipliers[r, l]` (ones where untouched).
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from common.sampling import sample_indices
 from common.tokens import encode
 from knowledge_neurons import KnowledgeNeurons, Neuron
 
@@ -32,7 +34,8 @@ DEFINITION = {
     "random_neurons": "as many neurons per layer as the fact has, drawn uniformly from the other neurons of "
     "that layer; several seeded draws",
     "same_relation_facts / other_relation_facts": "the fact's neurons suppressed on the prompts of the other "
-    "facts of its relation / of other relations",
+    "facts of its relation / of other relations: all of them, or a seeded sample of cross_facts of each when "
+    "there are more (see sampling)",
     "relative_change_sem / flip_rate_sem": "in the summary: standard error of the mean over facts, sample "
     "standard deviation (ddof 1) / sqrt(n_facts); null for fewer than 2 facts",
 }
@@ -70,7 +73,7 @@ def edited_answer_probability(kn: KnowledgeNeurons, prompt_ids: list[int], answe
     handles = [ad.neuron_module(layer).register_forward_pre_hook(scale(layer)) for layer in range(ad.n_layers)]
     try:
         with torch.no_grad():
-            logits = kn.adapter.logits(ids[None].expand(rows, -1))[:, positions]  # (rows, n, V)
+            logits = kn.adapter.logits(ids[None].expand(rows, -1), positions=positions)  # (rows, n, V)
     finally:
         for handle in handles:
             handle.remove()
@@ -94,25 +97,49 @@ def random_controls(neurons: Sequence[tuple[int, int]], width: int, draws: int, 
     return sets
 
 
+def cross_sources(facts, refined: Mapping[str, Sequence[Neuron]], cross_facts: int | None,
+                  seed: int) -> dict[str, list[str]]:
+    """target fact id -> the facts whose neurons are suppressed on its prompts. Every fact with neurons is applied
+    to `cross_facts` other facts of its relation and `cross_facts` facts of other relations, seeded samples without
+    replacement (all when there are no more, or cross_facts is None); linear in the facts."""
+    order = sorted(range(len(facts)), key=lambda i: facts[i].relation)  # each relation one block [a, b) of order
+    where = np.empty(len(facts), dtype=np.int64)
+    where[order] = np.arange(len(facts))
+    block: dict[str, list[int]] = {}
+    for position, i in enumerate(order):
+        block.setdefault(facts[i].relation, [position, position])[1] = position + 1
+    targets: dict[str, list[str]] = {f.id: [] for f in facts}
+    for i, f in enumerate(facts):
+        if not refined[f.id]:
+            continue
+        a, b = block[f.relation]
+        same = a + sample_indices(b - a - 1, cross_facts, seed, f"interventions same relation {f.id}")
+        same += same >= where[i]  # skip the fact itself
+        other = sample_indices(len(facts) - (b - a), cross_facts, seed, f"interventions other relations {f.id}")
+        other += (other >= a) * (b - a)  # skip the fact's relation
+        for position in np.concatenate([same, other]):
+            targets[facts[order[position]].id].append(f.id)
+    return targets
+
+
 def _edits(fact_id: str, refined: Mapping[str, Sequence[Neuron]],
-           controls: Mapping[str, list[list[tuple[int, int]]]]) -> list[Edit]:
-    """The rows run on the prompts of `fact_id`: own and random edits (both factors), others' neurons suppressed."""
+           controls: Mapping[str, list[list[tuple[int, int]]]], sources: Sequence[str]) -> list[Edit]:
+    """The rows run on the prompts of `fact_id`: own and random edits (both factors), the neurons of `sources`
+    suppressed."""
     own = [(lay, i) for lay, i, _ in refined[fact_id]]
     edits = []
     if own:
         for factor in FACTORS.values():
             edits.append(Edit("own", fact_id, factor, own))
             edits += [Edit("random", fact_id, factor, c) for c in controls[fact_id]]
-    for other, neurons in refined.items():
-        if other != fact_id and neurons:
-            edits.append(Edit("cross", other, 0.0, [(lay, i) for lay, i, _ in neurons]))
+    edits += [Edit("cross", other, 0.0, [(lay, i) for lay, i, _ in refined[other]]) for other in sources]
     return edits
 
 
 def run_interventions(kn: KnowledgeNeurons, facts, refined: Mapping[str, Sequence[Neuron]], draws: int = 5,
-                      seed: int = 0, progress: bool = True, label: str = "") -> dict:
-    """All edits on all prompts; returns per-fact and summary effects (JSON-ready). `label` names the model in
-    the progress bar.
+                      seed: int = 0, progress: bool = True, label: str = "", cross_facts: int | None = None) -> dict:
+    """All edits on all prompts; returns per-fact and summary effects and the sampling (JSON-ready). `label`
+    names the model in the progress bar; `cross_facts`: see `cross_sources` (None: every other fact).
 
     Effect of an edit on a prompt = relative change of P(answer): (P_edited - P_clean) / P_clean.
     Flip = the top-1 prediction at some answer position differs from the clean model's.
@@ -121,10 +148,11 @@ def run_interventions(kn: KnowledgeNeurons, facts, refined: Mapping[str, Sequenc
     controls = {
         fid: random_controls([(lay, i) for lay, i, _ in ns], kn.width, draws, rng) for fid, ns in refined.items()
     }
+    sources = cross_sources(facts, refined, cross_facts, seed)
     # effects[(kind, source, factor, target)] -> list over target's prompts of (relative change, flipped)
     effects: dict[tuple, list[tuple[float, bool]]] = {}
     for fact in tqdm(facts, desc=f"interventions {label}".strip(), unit="fact", disable=not progress):
-        edits = _edits(fact.id, refined, controls)
+        edits = _edits(fact.id, refined, controls, sources[fact.id])
         if not edits:
             continue
         mult = torch.ones(len(edits) + 1, kn.n_layers, kn.width, device=kn.adapter.device)
@@ -138,7 +166,12 @@ def run_interventions(kn: KnowledgeNeurons, facts, refined: Mapping[str, Sequenc
                 change = float((p[r] - p[0]) / p[0]) if p[0] > 0 else None
                 flipped = bool((top[r] != top[0]).any())
                 effects.setdefault((e.kind, e.source, e.factor, fact.id), []).append((change, flipped))
-    return summarise(facts, refined, effects)
+    with_neurons = sum(1 for f in facts if refined[f.id])
+    return {**summarise(facts, refined, effects),
+            "sampling": {"facts": len(facts), "facts_with_neurons": with_neurons, "cross_facts": cross_facts,
+                         "seed": seed, "cross_edits": sum(len(v) for v in sources.values()),
+                         "all_other_facts": all(len(v) == with_neurons - bool(refined[f.id])
+                                                for f, v in zip(facts, sources.values(), strict=True))}}
 
 
 def _stats(pairs: list[tuple[float | None, bool]]) -> dict:
@@ -153,6 +186,10 @@ def _stats(pairs: list[tuple[float | None, bool]]) -> dict:
 def summarise(facts, refined, effects) -> dict:
     """Per fact: own vs random (suppress and amplify), own vs same-relation vs other-relation (suppress)."""
     relation = {f.id: f.relation for f in facts}
+    cross: dict[tuple[str, bool], list] = {(f.id, same): [] for f in facts for same in (True, False)}
+    for (kind, source, _, target), pairs in effects.items():  # (source, same relation?) -> its pairs
+        if kind == "cross":
+            cross[source, relation[target] == relation[source]].extend(pairs)
     per_fact = []
     for f in facts:
         if not refined[f.id]:
@@ -164,12 +201,8 @@ def summarise(facts, refined, effects) -> dict:
                 "knowledge_neurons": _stats(effects.get(("own", f.id, factor, f.id), [])),
                 "random_neurons": _stats(effects.get(("random", f.id, factor, f.id), [])),
             }
-        same, other = [], []
-        for (kind, source, _, target), pairs in effects.items():
-            if kind == "cross" and source == f.id:
-                (same if relation[target] == f.relation else other).extend(pairs)
-        row["suppress"]["same_relation_facts"] = _stats(same)
-        row["suppress"]["other_relation_facts"] = _stats(other)
+        row["suppress"]["same_relation_facts"] = _stats(cross[f.id, True])
+        row["suppress"]["other_relation_facts"] = _stats(cross[f.id, False])
         per_fact.append(row)
     return {"factors": FACTORS, "definition": DEFINITION, "per_fact": per_fact, "summary": _summary(per_fact)}
 

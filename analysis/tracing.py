@@ -161,8 +161,10 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def trace_model(model, tokenizer, facts: Sequence[Fact], refined: Mapping[str, Sequence[Neuron]],
-                options: TraceOptions, progress: bool = True, label: str = "") -> dict:
-    """Every fact of one model -> {"options", "facts": [per fact], "summary"} (JSON-ready)."""
+                options: TraceOptions, progress: bool = True, label: str = "",
+                traced: Sequence[Fact] | None = None) -> dict:
+    """The facts `traced` (default: all) of one model -> {"options", "facts": [per fact], "summary"} (JSON-ready);
+    nu and the swap subjects come from all `facts`."""
     tracer = CausalTracer(model, tokenizer)
     nu = None
     if options.corruption == "noise":
@@ -170,7 +172,8 @@ def trace_model(model, tokenizer, facts: Sequence[Fact], refined: Mapping[str, S
     rng = np.random.default_rng(options.seed)
     torch.manual_seed(options.seed)
     records = [trace_fact(tracer, fact, facts, options, nu, refined.get(fact.id, ()), rng)
-               for fact in tqdm(facts, desc=f"causal trace {label}".strip(), unit="fact", disable=not progress)]
+               for fact in tqdm(facts if traced is None else traced, desc=f"causal trace {label}".strip(), unit="fact",
+                                disable=not progress)]
     return {"options": {**asdict(options), "noise": nu, "noise_rule": "given" if options.noise is not None else
                         "3 x std of the subjects' token embeddings over the facts (ROME)"},
             "n_layers": tracer.n_layers,

@@ -200,10 +200,13 @@ class Adapter:
         resid, acts = self.pre_neurons(layer, h, state, index)
         return resid + self.project(layer, acts)
 
-    def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """(P, T) right-padded token ids and their mask -> (P, T, vocab) the model's logits at every position.
-        Hooks on `neuron_module` see the neurons of every position (adapters may recompute the forward faster)."""
-        return self.model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+               positions: Tensor | None = None) -> Tensor:
+        """(P, T) right-padded token ids and their mask -> (P, T, vocab) the model's logits at every position, or
+        (P, n, vocab) at `positions` (n,) only (the LM head runs on those). Hooks on `neuron_module` see the neurons
+        of every position (adapters may recompute the forward faster)."""
+        keep = {} if positions is None else {"logits_to_keep": positions}
+        return self.model(input_ids, attention_mask=attention_mask, use_cache=False, **keep).logits
 
     def head(self, h: Tensor) -> Tensor:
         """(rows, d_model) last block output -> (rows, vocab) logits."""

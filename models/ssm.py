@@ -170,16 +170,18 @@ class SSMAdapter(Adapter):
         s = self.ssm_inputs(layer, x)
         return self._state(conv_prefix(s.xs, before, self.layers[layer].mixer.conv1d), s.final_states(before))
 
-    def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """The model's logits (P, T, vocab) of right-padded prompts (P, T), recomputed block by block from the
-        weights with a chunked scan (`SSMInputs.outputs`); the neurons go through `neuron_module`, so its hooks
-        fire as in the model's own forward. The mask is not needed: a position never reads the pads after it."""
+    def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+               positions: Tensor | None = None) -> Tensor:
+        """The model's logits (P, T, vocab) of right-padded prompts (P, T), or (P, n, vocab) at `positions` (n,),
+        recomputed block by block from the weights with a chunked scan (`SSMInputs.outputs`); the neurons go through
+        `neuron_module`, so its hooks fire as in the model's own forward. The mask is not needed: a position never
+        reads the pads after it."""
         h = self.model.get_input_embeddings()(input_ids)  # (P, T, d_model)
         for layer in range(self.n_layers):
             s = self.ssm_inputs(layer, h)
             y = s.outputs()  # (P, T, d_inner)
             h = h + self.project(layer, y * self.neuron_factor(layer, y, s.z))
-        return self.head(h)
+        return self.head(h if positions is None else h[:, positions])
 
     token_mixing_kind = "hidden attention: mean |alpha_{T-1, j}| over decay units, normalised to sum 1"
     mixing_site = "selective-scan output y (with D x) before the gate; restored under the running forward's gate"

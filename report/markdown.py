@@ -145,6 +145,8 @@ def comprehensive_report(doc: dict, results: dict[str, ModelResult], per_model: 
         f"the same number of random neurons from the same layers ({o['random_draws']} seeded draws), and the "
         f"fact's neurons applied to other facts of the same / other relations. In the figure, {ERROR_BARS}.",
         "",
+        *_bullets([_cross_sample(lab, m["interventions"]["sampling"]) for lab, m in labels.items()]),
+        "",
         *_bullets([line for lab in labels for line in findings.interventions(lab, summaries[lab], results[lab])]),
         "",
         f"![interventions]({figs['interventions']})",
@@ -155,6 +157,15 @@ def comprehensive_report(doc: dict, results: dict[str, ModelResult], per_model: 
     if attention is not None:
         lines += _attention_section(attention, figs)
     return "\n".join(lines)
+
+
+def _cross_sample(label: str, s: dict) -> str:
+    """Which other facts each fact's neurons were applied to (the sample of --cross-facts)."""
+    if s["all_other_facts"]:
+        return f"{label}: each fact's neurons are applied to every other fact ({s['cross_edits']} fact pairs)."
+    return (f"{label}, sampled: each fact's neurons are applied to at most {s['cross_facts']} other facts of its "
+            f"relation and {s['cross_facts']} of other relations (--cross-facts, seed {s['seed']}, without "
+            f"replacement): {s['cross_edits']} fact pairs of {s['facts']} facts.")
 
 
 def _attention_sample(s: dict) -> str:

@@ -96,6 +96,10 @@ def trace_section(docs: Mapping[str, dict], caveat: str | None = None) -> str:
         "same layers (mean and 95 % bootstrap CI over facts).",
         "",
     ]
+    s = first.get("sampling")
+    if s and s["facts_traced"] < s["facts"]:
+        lines += [f"Sampled: {s['facts_traced']} of {s['facts']} facts traced (--trace-facts {s['trace_facts']}, "
+                  f"seed {s['seed']}, without replacement).", ""]
     if caveat:
         lines += [f"> {caveat}: these numbers show the method at work, not what real models know.", ""]
     whole = [label for label, doc in docs.items() if o["window"] >= doc["n_layers"]]

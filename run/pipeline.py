@@ -250,10 +250,13 @@ def trace_stage(args: argparse.Namespace, facts: Sequence[Fact], done: dict[str,
     """Causal tracing, knockout and the knowledge-neuron cross-check of every model -> <label>_causal_trace.json;
     the figures under <out>/figures. Returns label -> the JSON document."""
     out, caveat, options = Path(args.out), demo_caveat(names), trace_options(args)
+    sample = [facts[i] for i in sample_indices(len(facts), args.trace_facts, args.seed, "trace facts")]
     docs = {}
     for label, d in done.items():
         traced = trace_model(d.kn.model, d.kn.tokenizer, facts, d.result.refined, options, progress=not args.quiet,
-                             label=label)
+                             label=label, traced=sample)
+        traced["sampling"] = {"facts": len(facts), "facts_traced": len(sample), "trace_facts": args.trace_facts,
+                              "seed": args.seed}
         heatmaps = plot_trace_heatmaps(traced, named(label, d.kn.model.config.model_type), out / "figures",
                                        f"causal_trace_{label}_", HEATMAP_FACTS, caveat)
         doc = {"model": names[label], "label": label, "architecture": d.kn.model.config.model_type,
@@ -313,7 +316,7 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
     for label, d in done.items():
         per_model[label] = {
             "interventions": run_interventions(d.kn, facts, d.result.refined, args.random_draws, args.seed,
-                                               progress=not args.quiet, label=label),
+                                               progress=not args.quiet, label=label, cross_facts=args.cross_facts),
             "statistics": relation_statistics(d.result, args),
         }
     editing = editing_stage(args, done, arguments(args), notes(args))
@@ -335,7 +338,7 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
         "model": done[main].result.name,
         "label": main,
         "options": {**asdict(done[main].result.options), "random_draws": args.random_draws,
-                    "permutations": args.permutations, "bootstrap": args.bootstrap},
+                    "permutations": args.permutations, "bootstrap": args.bootstrap, "cross_facts": args.cross_facts},
         "arguments": arguments(args),
         **notes(args),
         "seed": args.seed,

@@ -59,6 +59,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "edit_facts": (_given(lambda v: v >= 1), "an integer >= 1 (a sample size; a large number for all facts)"),
     "locality_prompts": (_given(lambda v: v >= 1), "an integer >= 1 (a sample size; a large number for all prompts)"),
     "attention_facts": (lambda v: v >= 1, "an integer >= 1 (a sample size; a large number for all facts)"),
+    "cross_facts": (lambda v: v >= 1, "an integer >= 1 (a sample size; a large number for all facts)"),
+    "trace_facts": (lambda v: v >= 1, "an integer >= 1 (a sample size; a large number for all facts)"),
     "edit_lambdas": (lambda v: all(math.isfinite(x) and x >= 0 for x in v),
                      "two finite numbers >= 0 (a negative lambda inverts the edit)"),
     "noise": (_given(lambda v: 0 < v < math.inf), "a finite number > 0"),
@@ -72,7 +74,9 @@ USED_IN: dict[str, tuple[str, ...]] = {
     "random_draws": (*EDITING, "trace"), "permutations": ("comprehensive",), "bootstrap": ("comprehensive", "trace"),
     "edit_rule": EDITING, "edit_lambdas": EDITING, "erase_top": EDITING, "save_edited": EDITING,
     "edit_facts": EDITING, "locality_prompts": EDITING, "attention_facts": ("attention", "comprehensive"),
-    **{dest: TRACING for dest in ("corruption", "noise", "trace_samples", "trace_window", "knockout_window")},
+    "cross_facts": ("comprehensive",),
+    **{dest: TRACING for dest in ("corruption", "noise", "trace_samples", "trace_window", "trace_facts",
+                                  "knockout_window")},
 }
 
 

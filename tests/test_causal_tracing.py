@@ -170,3 +170,11 @@ def test_trace_mode_writes_every_model_and_fact(demo_models, tmp_path):
         assert set(s["kn_cross_check"]) >= {"restore_kn", "restore_random", "layer_correlation"}
         for path in [*doc["figures"]["heatmaps"], doc["figures"]["aie_curves"]]:
             assert (out / path).stat().st_size > 5000
+        assert doc["sampling"] == {"facts": 4, "facts_traced": 4, "trace_facts": 500, "seed": 0}
+    assert main(["trace", "--models", f"gpt2={demo_models['gpt2']}", "--facts", str(tmp_path / "facts.jsonl"),
+                 "--out", str(out), "-q",
+                 "--steps", "4", "--trace-samples", "2", "--random-draws", "2", "--bootstrap", "20", "--trace-window",
+                 "3", "--trace-facts", "2", "--seed", "3"]) == 0
+    doc = json.loads((out / "gpt2_causal_trace.json").read_text())
+    assert doc["sampling"] == {"facts": 4, "facts_traced": 2, "trace_facts": 2, "seed": 3}
+    assert len(doc["facts"]) == 2 and {r["id"] for r in doc["facts"]} < {f.id for f in facts}

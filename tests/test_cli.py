@@ -144,6 +144,9 @@ def test_comprehensive_mode(demo_models, tmp_path, capsys, caplog, monkeypatch):
     assert {"gpt2_knowledge_neurons.npz", "mamba_knowledge_neurons.npz", "figures/subject_flow_by_layer.png"} <= written
     report = (out / "report.md").read_text()
     assert "## Causal checks" in report and "figures/interventions.png" in report
+    sampling = doc["interventions"]["sampling"]  # a small run: every fact pair, as before --cross-facts
+    assert sampling["all_other_facts"] and sampling["cross_facts"] == 30
+    assert "- mamba: each fact's neurons are applied to every other fact" in report
     for path in figures:
         assert f"]({path})" in report  # every figure, the hidden-attention maps included, is shown
     assert "tiny demo models trained on these very facts" in report  # the test models are demo models

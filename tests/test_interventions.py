@@ -107,3 +107,59 @@ def test_summary_gives_the_standard_error_over_facts():
     random = summarise(facts, refined, effects)["summary"]["suppress"]["random_neurons"]
     assert random == {"relative_change_mean": None, "relative_change_sem": None, "flip_rate": None,
                       "flip_rate_sem": None, "n_facts": 0}
+
+
+def _invented(relations: dict[str, int]):
+    """Facts f<relation>-<k> of the given relation sizes, in an interleaved order (relations not contiguous)."""
+    from facts import Fact
+
+    ids = [(r, k) for k in range(max(relations.values())) for r, n in relations.items() if k < n]
+    return [Fact(f"{r}-{k}", r, f"S{r}{k}", "A", ("S is", "S was")) for r, k in ids]
+
+
+def test_cross_sources_without_a_cap_are_every_other_fact():
+    from analysis.interventions import cross_sources
+
+    facts = _invented({"a": 3, "b": 5, "c": 1})
+    refined = {f.id: [] if f.id == "b-2" else [(0, 1, 1.0)] for f in facts}
+    for cap in (None, 100):
+        sources = cross_sources(facts, refined, cap, seed=0)
+        for f in facts:
+            expected = {o.id for o in facts if o.id != f.id and refined[o.id]}
+            assert sorted(sources[f.id]) == sorted(expected)
+
+
+def test_cross_sources_sample_each_source_within_and_across_relations():
+    """Each fact with neurons is applied to exactly min(cap, n) facts of its relation (never itself) and of the
+    others, without repeats; the sample is a function of the seed."""
+    from collections import Counter
+
+    from analysis.interventions import cross_sources
+
+    sizes = {"a": 9, "b": 2, "c": 6, "d": 4}
+    facts = _invented(sizes)
+    relation = {f.id: f.relation for f in facts}
+    refined = {f.id: [(0, 1, 1.0)] for f in facts}
+    cap = 3
+    sources = cross_sources(facts, refined, cap, seed=7)
+    applied = {(s, t) for t, ss in sources.items() for s in ss}
+    assert len(applied) == sum(len(ss) for ss in sources.values())  # no target twice for one source
+    same = Counter(s for s, t in applied if relation[s] == relation[t])
+    other = Counter(s for s, t in applied if relation[s] != relation[t])
+    for f in facts:
+        assert (f.id, f.id) not in applied
+        assert same[f.id] == min(cap, sizes[f.relation] - 1)
+        assert other[f.id] == min(cap, len(facts) - sizes[f.relation])
+    assert cross_sources(facts, refined, cap, seed=7) == sources
+    assert cross_sources(facts, refined, cap, seed=8) != sources
+
+
+def test_logits_at_positions_equal_the_full_logits(demo_run):
+    _, kn, _ = demo_run
+    ids = torch.tensor([encode(kn.tokenizer, FACTS[0].prompts[0], FACTS[0].answer)[0]] * 2)
+    positions = torch.tensor([0, ids.shape[1] - 1])
+    with torch.no_grad():
+        full = kn.adapter.logits(ids)
+        some = kn.adapter.logits(ids, positions=positions)
+    assert some.shape == (2, 2, full.shape[-1])
+    torch.testing.assert_close(some, full[:, positions], rtol=1e-5, atol=1e-5)
