@@ -16,15 +16,17 @@ summaries + permutation test + pair bootstrap) against the new one on --referenc
 
 --knowledge N instead times the whole `main.py knowledge` run on N invented facts with tiny random GPT-2 and
 Mamba (3 layers x width 32, GPT-2's 50,257-token vocabulary, --max-prompts-per-fact 2, --steps 5): wall time,
-the run's peak RSS, the sizes of the JSON and npz files.
+the run's peak RSS, the sizes of the JSON and npz files, and when each stage ended (from the run's log lines);
+--mode comprehensive runs the whole comprehensive mode instead, --keep DIR keeps its outputs.
 
-    python benchmarks/bench_scale.py --knowledge 340
+    python benchmarks/bench_scale.py --knowledge 340 [--mode comprehensive] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -167,26 +169,45 @@ def tiny_models(folder: Path, facts_dir: Path) -> dict[str, Path]:
     return out
 
 
+STAGE_LINES = re.compile(r"^(knowledge neurons .* prompts/s|interventions and statistics .* s$|wrote .*)")
+
+
+def timed_run(command: list[str]) -> tuple[float, list[list]]:
+    """Run `command`, timestamping its log lines as they arrive: (wall seconds, [[seconds, stage line]]) for the
+    lines that end a stage (STAGE_LINES). Stops with the child's last output when it fails."""
+    start, stages, tail = time.perf_counter(), [], []
+    with subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True) as child:
+        for line in child.stderr:  # progress bars' carriage returns end lines too
+            line = line.strip()
+            tail = [*tail[-19:], line]
+            if STAGE_LINES.match(line):
+                stages.append([time.perf_counter() - start, line[:110]])
+    if child.returncode:
+        raise SystemExit(f"{' '.join(command[:3])} failed:\n" + "\n".join(tail))
+    return time.perf_counter() - start, stages
+
+
 def knowledge_mode(args: argparse.Namespace) -> list:
-    """`main.py knowledge` on the invented folder of args.knowledge facts with the tiny models: wall time, the
-    child's peak RSS and the JSON sizes."""
+    """`main.py knowledge` (or --mode) on the invented folder of args.knowledge facts with the tiny models: wall
+    time, the child's peak RSS and the JSON sizes; prints when each stage ended."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_folder(root / "pararel", args.knowledge, args.relations, args.patterns)
         models = tiny_models(root / "models", root / "pararel")
+        out = args.keep or root / "out"
         command = [sys.executable, str(ROOT / "main.py"), args.mode, "--facts", str(root / "pararel"),
                    "--gpt2-model", str(models["gpt2"]), "--mamba-model", str(models["mamba"]), "--max-prompts-per-fact",
-                   "2", "--steps", str(args.steps), "--out", str(root / "out"), "--fresh", "-q", "--device", "cpu"]
-        start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
-        seconds = time.perf_counter() - start
+                   "2", "--steps", str(args.steps), "--out", str(out), "--fresh", "--device", "cpu"]
+        seconds, stages = timed_run(command)
+        print(table(["seconds", "stage ended"], stages))
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        sizes = {p.name: p.stat().st_size / 1e6 for p in (root / "out").glob("*.json")}
-        sizes |= {p.name: p.stat().st_size / 1e6 for p in (root / "out").glob("*.npz")}
+        root = out.parent if args.keep else root
+        sizes = {p.name: p.stat().st_size / 1e6 for p in out.glob("*.json")}
+        sizes |= {p.name: p.stat().st_size / 1e6 for p in out.glob("*.npz")}
         if args.mode == "comprehensive":
             from matplotlib.image import imread
 
-            sides = [max(imread(f).shape[:2]) for f in (root / "out" / "figures").glob("*.png")]
+            sides = [max(imread(f).shape[:2]) for f in (out / "figures").glob("*.png")]
             sizes["largest figure side (px)"] = max(sides)
     return [[args.knowledge, args.steps, seconds, peak, ", ".join(f"{k} {v:.1f}" for k, v in sorted(sizes.items()))]]
 
@@ -208,6 +229,7 @@ def main() -> None:
     p.add_argument("--mode", default="knowledge", choices=("knowledge", "comprehensive"),
                    help="the main.py mode --knowledge runs (default: knowledge)")
     p.add_argument("--steps", type=int, default=5, help="integration steps of --knowledge (default: 5)")
+    p.add_argument("--keep", type=Path, metavar="DIR", help="--knowledge: write the run's outputs to DIR and keep them")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child process of one size
     args = p.parse_args()
     if args.one:

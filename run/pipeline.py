@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -314,11 +315,13 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
     attention = attention_stage(args, facts, names, done) if state_space_labels(names) else None
     per_model = {}
     for label, d in done.items():
+        start = time.perf_counter()
         per_model[label] = {
             "interventions": run_interventions(d.kn, facts, d.result.refined, args.random_draws, args.seed,
                                                progress=not args.quiet, label=label, cross_facts=args.cross_facts),
             "statistics": relation_statistics(d.result, args),
         }
+        log.info("interventions and statistics %s: %d facts in %.1f s", label, len(facts), time.perf_counter() - start)
     editing = editing_stage(args, done, arguments(args), notes(args))
     traces = trace_stage(args, facts, done, names)
     results = {label: d.result for label, d in done.items()}
