@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers around each layer in which the last position is knocked out (default: %(default)s, "
                    "as Geva et al.)")
     r = p.add_argument_group("run control")
+    r.add_argument("--save-scores", metavar="{none,fact,prompt}",
+                   help="the score file beside each knowledge JSON (one per rank under torchrun): prompt = every "
+                   "prompt's (n_layers, width) float32 scores, fact = their mean per fact, both with the completeness "
+                   "deltas and coarse neurons; none = no file (default: prompt while all prompts' scores take at most "
+                   "2 GB, else fact)")
     r.add_argument("--fresh", action="store_true",
                    help="recompute every fact instead of resuming from <out>/.kn_cache")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")

@@ -20,8 +20,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from analysis.overlap import neurons_per_layer, overlap_statistics
+from analysis.scores import SAVE_SCORES, ScoreWriter
 from common.errors import UserError
-from common.outputs import atomic_write, table, versions, write_json, write_npz
+from common.outputs import atomic_write, table, versions, write_json
 from common.tokens import continuation
 from facts import Fact
 from knowledge_neurons import IG_METHODS, KnowledgeNeurons, Neuron, coarse_neurons, refined_neurons
@@ -46,12 +47,15 @@ class Options:
     baseline: str = "zero"  # IG baseline: zero (Dai et al.), mean activation over the fact prompts, reference prompt
     baseline_prompt: str | None = None
     seed: int = 0
+    save_scores: str = "prompt"  # what the score file keeps (analysis.scores.SAVE_SCORES); not part of the scores
 
     def __post_init__(self):
         if self.ig_method not in IG_METHODS:
             raise UserError(f"--ig-method {self.ig_method}: choose from {', '.join(IG_METHODS)}")
         if self.baseline not in BASELINES:
             raise UserError(f"--baseline {self.baseline}: choose from {', '.join(BASELINES)}")
+        if self.save_scores not in SAVE_SCORES:
+            raise UserError(f"--save-scores {self.save_scores}: choose from {', '.join(SAVE_SCORES)}")
         if self.baseline == "reference" and not self.baseline_prompt:
             raise UserError("--baseline reference needs --baseline-prompt TEXT (the reference prompt)")
         if self.baseline != "reference" and self.baseline_prompt is not None:
@@ -69,18 +73,36 @@ class Options:
 
 @dataclass
 class FactResult:
-    """Attribution of every prompt of one fact.
+    """Attribution of every prompt of one fact, and what the later stages need of its scores (`of` computes it).
 
-    scores: (n_prompts, n_layers, width); delta: (n_prompts, n_layers) completeness deltas;
-    probs: per prompt, (n_answer_tokens,) clean P(answer token k | prompt + answer[:k]).
+    scores: (n_prompts, n_layers, width), or None once they went to a score file (the pipeline's results hold no
+    score tensors: analysis.scores); delta: (n_prompts, n_layers) completeness deltas; probs: per prompt,
+    (n_answer_tokens,) clean P(answer token k | prompt + answer[:k]); refined: the refined neurons (the options'
+    threshold and share); refined_first_half: those of the first ceil(n_prompts / 2) prompts alone (editing
+    measures them on the others); n_coarse: coarse neurons per prompt; score_sums: (n_prompts, n_layers) float64
+    sum of each layer's scores (the completeness check).
     """
 
     fact: Fact
-    scores: Tensor
+    scores: Tensor | None
     delta: Tensor
     probs: list[Tensor]
     prompt_ids: list[list[int]]
     answer_ids: list[int]
+    refined: list[Neuron]
+    refined_first_half: list[Neuron]
+    n_coarse: list[int]
+    score_sums: Tensor
+
+    @classmethod
+    def of(cls, fact: Fact, scores: Tensor, delta: Tensor, probs: list[Tensor], prompt_ids: list[list[int]],
+           answer_ids: list[int], options: Options) -> FactResult:
+        """The result of scores (n_prompts, n_layers, width) and the rest, thresholded with `options`."""
+        prompts, o = list(scores), options
+        return cls(fact, scores, delta, probs, prompt_ids, answer_ids,
+                   refined_neurons(prompts, o.threshold, o.share),
+                   refined_neurons(prompts[: (len(prompts) + 1) // 2], o.threshold, o.share),
+                   [len(coarse_neurons(s, o.threshold)) for s in prompts], scores.double().sum(-1))
 
 
 @dataclass
@@ -96,8 +118,7 @@ class ModelResult:
     @cached_property
     def refined(self) -> dict[str, list[Neuron]]:
         """Fact id -> refined neurons (layer, index, mean score), thresholded with the result's options."""
-        o = self.options
-        return {r.fact.id: refined_neurons(list(r.scores), o.threshold, o.share) for r in self.facts}
+        return {r.fact.id: r.refined for r in self.facts}
 
     def neuron_sets(self) -> dict[str, frozenset[tuple[int, int]]]:
         return {fid: frozenset((lay, i) for lay, i, _ in ns) for fid, ns in self.refined.items()}
@@ -173,13 +194,14 @@ def attribute_facts(kn: KnowledgeNeurons, facts: Sequence[Fact], options: Option
     for fact in facts:
         mine = results[start : start + len(fact.prompts)]
         start += len(fact.prompts)
-        out.append(FactResult(
+        out.append(FactResult.of(
             fact,
             torch.stack([r.scores for r in mine]).float(),
             torch.stack([r.delta for r in mine]).float(),
             [r.probs.float() for r in mine],
             [r.prompt_ids for r in mine],
             mine[0].answer_ids,
+            options,
         ))
     return out
 
@@ -198,6 +220,7 @@ class FactCache:
         key = json.dumps(content, sort_keys=True)
         self.key = hashlib.sha256(key.encode()).hexdigest()[:16]
         self.folder = Path(folder) / f"{Path(model_name).name or 'model'}-{self.key}"
+        self.options = options
 
     def _path(self, fact: Fact) -> Path:
         scored = {k: v for k, v in dataclasses.asdict(fact).items() if k != "new_answer"}  # edits only
@@ -212,7 +235,8 @@ class FactCache:
             return None
         try:
             d = torch.load(path, weights_only=True)
-            result = FactResult(fact, d["scores"], d["delta"], d["probs"], d["prompt_ids"], d["answer_ids"])
+            result = FactResult.of(fact, d["scores"], d["delta"], d["probs"], d["prompt_ids"], d["answer_ids"],
+                                   self.options)
             counts = {len(result.scores), len(result.delta), len(result.probs), len(result.prompt_ids)}
             if counts != {len(fact.prompts)}:
                 raise ValueError(f"holds {sorted(counts)} prompts, the fact has {len(fact.prompts)}")
@@ -238,6 +262,7 @@ def find_knowledge_neurons(
     progress: bool = True,
     label: str | None = None,
     baseline: Tensor | str | None = FROM_FACTS,
+    scores: ScoreWriter | None = None,
 ) -> ModelResult:
     """Attribute every prompt of every fact, the prompts of several facts per staircase batch (`fact_batches`:
     up to options.prompts_per_batch prompts, by default PROMPTS_PER_BATCH of the model's device, recorded in the
@@ -245,13 +270,22 @@ def find_knowledge_neurons(
     `resume`, taken from there instead of being recomputed. `label` ("GPT-2") names the model in the progress
     bar and log (default: the folder name). baseline: the (n_layers, width) activations alpha = 0 stands for,
     None for zeros, or FROM_FACTS: `baseline_activations` of these facts and options (the pipeline computes it
-    once from all facts and passes it on, as it attributes them in shares)."""
+    once from all facts and passes it on, as it attributes them in shares). scores: a score file (analysis.scores)
+    that each fact's scores go to as soon as the fact is done; the result then holds none (FactResult.scores
+    None), so that memory does not grow with the prompts."""
     label = label or Path(model_name).name
     if isinstance(baseline, str):
         baseline = baseline_activations(kn, facts, options)
     cache = FactCache(cache_dir, model_name, kn.model, options, baseline) if cache_dir else None
     options = dataclasses.replace(options, prompts_per_batch=prompts_per_batch(options, kn.adapter.device))
-    results: list[FactResult | None] = [cache.load(f) if cache and resume else None for f in facts]
+
+    def done(r: FactResult | None) -> FactResult | None:
+        if r is None or scores is None:
+            return r
+        scores.add(r.fact.id, r.scores, r.delta)
+        return dataclasses.replace(r, scores=None)
+
+    results: list[FactResult | None] = [done(cache.load(f)) if cache and resume else None for f in facts]
     todo = [i for i, r in enumerate(results) if r is None]
     reused = len(facts) - len(todo)
     with tqdm(total=len(facts), initial=reused, desc=f"knowledge neurons {label}", unit="fact",
@@ -259,9 +293,9 @@ def find_knowledge_neurons(
         for batch in fact_batches(kn.tokenizer, [facts[i] for i in todo], options.prompts_per_batch):
             for i, result in zip(batch, attribute_facts(kn, [facts[todo[i]] for i in batch], options, baseline),
                                  strict=True):
-                results[todo[i]] = result
                 if cache:
                     cache.save(result)
+                results[todo[i]] = done(result)
             bar.update(len(batch))
     if reused:
         log.info("%s: reused %d of %d facts from %s", label, reused, len(facts), cache.folder)
@@ -273,8 +307,9 @@ def _neurons(ns: Sequence[Neuron]) -> list[list]:
     return [[lay, i, s] for lay, i, s in ns]
 
 
-def knowledge_json(result: ModelResult, tokenizer, scores_file: str | None = None) -> dict:
-    """The JSON document of `python main.py knowledge` for one model."""
+def knowledge_json(result: ModelResult, tokenizer, scores_files: Sequence[str] = ()) -> dict:
+    """The JSON document of `python main.py knowledge` for one model; `scores_files`: the score files of the run
+    (analysis.scores), named in it."""
     o = result.options
     refined = result.refined
     facts = []
@@ -287,8 +322,7 @@ def knowledge_json(result: ModelResult, tokenizer, scores_file: str | None = Non
                 "tokens": tokenizer.convert_ids_to_tokens(r.prompt_ids[k]),
                 "p_answer": float(probs.prod()),
                 "p_answer_tokens": probs.tolist(),
-                "coarse_neurons": _neurons(coarse_neurons(r.scores[k], o.threshold)),
-                "completeness_delta": r.delta[k].tolist(),
+                "n_coarse_neurons": r.n_coarse[k],
                 "max_abs_completeness_delta": float(r.delta[k].abs().max()),
             })
         facts.append({
@@ -316,23 +350,16 @@ def knowledge_json(result: ModelResult, tokenizer, scores_file: str | None = Non
         "facts": facts,
         "layer_distribution": result.layer_distribution,
         "overlap": result.overlap,
-        "scores_file": scores_file,
+        "scores_files": list(scores_files),
     }
 
 
-def write_knowledge(result: ModelResult, tokenizer, out_dir: Path, stem: str, extra: dict | None = None) -> dict:
-    """`<stem>.json` and `<stem>.npz` (per fact: scores (n_prompts, n_layers, width), deltas) in `out_dir`.
-
-    `extra` entries (e.g. the command-line arguments) are added to the JSON document.
-    """
-    out_dir = Path(out_dir)
-    arrays = {}
-    for r in result.facts:
-        arrays[f"{r.fact.id}/scores"] = r.scores.numpy()
-        arrays[f"{r.fact.id}/completeness_delta"] = r.delta.numpy()
-    write_npz(out_dir / f"{stem}.npz", arrays)
-    doc = {**knowledge_json(result, tokenizer, scores_file=f"{stem}.npz"), **(extra or {})}
-    write_json(out_dir / f"{stem}.json", doc)
+def write_knowledge(result: ModelResult, tokenizer, out_dir: Path, stem: str, extra: dict | None = None,
+                    scores_files: Sequence[str] = ()) -> dict:
+    """`<stem>.json` in `out_dir`, naming the score files the stage wrote (`find_knowledge_neurons(..., scores=)`);
+    `extra` entries (e.g. the command-line arguments) are added to it."""
+    doc = {**knowledge_json(result, tokenizer, scores_files), **(extra or {})}
+    write_json(Path(out_dir) / f"{stem}.json", doc)
     return doc
 
 

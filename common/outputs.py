@@ -1,16 +1,17 @@
-"""Writing results: atomic JSON / npz / text files, provenance (versions, options), console tables."""
+"""Writing results: atomic files (JSON, text, any writer), provenance (versions, options), console tables."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -21,20 +22,28 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write) -> Path:
-    """Write through a temporary file in the same folder, then rename: a reader never sees half a file."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file object to write `path` through: a temporary file in the same folder, renamed to `path` when the body
+    succeeds and removed when it raises, so that a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            yield f
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write(path: Path, write) -> Path:
+    """`write(f)` into `path` through `atomic_file`."""
+    with atomic_file(path) as f:
+        write(f)
+    return Path(path)
 
 
 def _clean(value: Any) -> Any:
@@ -52,17 +61,27 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _dumps(value: Any, depth: int = 0) -> str:
+    """JSON indented by 2 spaces a level, except that a list of plain values (numbers, strings, null: a neuron
+    [layer, index, score], a prompt's tokens) stays on one line."""
+    nested = isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict | list) for v in value))
+    if not nested or not value:
+        return json.dumps(value, allow_nan=False)
+    pad, end = "  " * (depth + 1), "  " * depth
+    if isinstance(value, dict):
+        items = [f"{pad}{json.dumps(k)}: {_dumps(v, depth + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{end}}}"
+    return "[\n" + ",\n".join(pad + _dumps(v, depth + 1) for v in value) + f"\n{end}]"
+
+
 def write_json(path: Path, data: dict) -> Path:
-    text = json.dumps(_clean(data), indent=2, allow_nan=False) + "\n"
+    """`data` as JSON (`_clean`ed; see `_dumps` for the layout), atomically."""
+    text = _dumps(_clean(data)) + "\n"
     return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def versions() -> dict[str, str | None]:

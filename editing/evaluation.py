@@ -23,7 +23,7 @@ from common.sampling import sample_indices
 from common.tokens import encode
 from editing.edits import EditOptions, Slot, erase, first_token, new_answers, relation_neurons, restored, update
 from facts import Fact, relations
-from knowledge_neurons import KnowledgeNeurons, Neuron, refined_neurons
+from knowledge_neurons import KnowledgeNeurons, Neuron
 from sources.neutral_text import SENTENCES
 
 
@@ -303,7 +303,6 @@ def run_editing(kn: KnowledgeNeurons, result: ModelResult, options: EditOptions,
     and summary results. `neutral`: the texts of the perplexity ratio; `label` ("GPT-2") names the model in the
     progress bar (default: the folder name). The model's weights are the same, bit for bit, afterwards."""
     facts = [r.fact for r in result.facts]
-    o = result.options
     bench = Bench(kn, facts, neutral, options.locality_prompts, options.seed)
     answers = new_answers(facts, kn.tokenizer)
     per_fact = []
@@ -316,8 +315,7 @@ def run_editing(kn: KnowledgeNeurons, result: ModelResult, options: EditOptions,
                       else "no other answer in its relation and no new_answer in the facts file")
             per_fact.append({"fact": fact.id, "relation": fact.relation, "n_neurons": len(neurons), "skipped": reason})
             continue
-        half = refined_neurons(list(r.scores[: (len(fact.prompts) + 1) // 2]), o.threshold, o.share)
-        per_fact.append(update_fact(bench, fact, neurons, half, answers[fact.id], options))
+        per_fact.append(update_fact(bench, fact, neurons, r.refined_first_half, answers[fact.id], options))
     erased = [erase_relation(bench, rel, result.refined, options) for rel in relations(facts)]
     return {
         "definition": DEFINITION,

@@ -62,7 +62,7 @@ def completeness(label: str, result: ModelResult) -> str | None:
     worst, change, delta = 0.0, 0.0, 0.0
     for r in result.facts:
         d = r.delta.double().abs()  # (n_prompts, n_layers)
-        dp = (r.scores.double().sum(-1) - r.delta.double()).abs()  # (n_prompts, n_layers) |change of P|
+        dp = (r.score_sums - r.delta.double()).abs()  # (n_prompts, n_layers) |change of P|
         ratio = d / dp.clamp(min=SMALL_CHANGE)
         k = int(ratio.argmax())
         if ratio.flatten()[k] > worst:

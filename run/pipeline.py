@@ -6,12 +6,14 @@ import argparse
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
 from analysis.interventions import run_interventions
 from analysis.overlap import incidence, write_pairs_file
+from analysis.scores import remove_stale, save_scores_mode, score_file, score_file_names
 from analysis.significance import PairJaccard, bootstrap_relation_means, permutation_test
 from analysis.stage import (
     ModelResult,
@@ -112,15 +114,22 @@ def knowledge_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict
         kn = KnowledgeNeurons(model, tokenizer)
         # from all facts: under torchrun, every rank alike
         baseline = baseline_activations(kn, facts, options, progress=not args.quiet and distributed.is_main())
-        attribute = partial(find_knowledge_neurons, kn, options=options, model_name=name, baseline=baseline,
-                            cache_dir=out / ".kn_cache", resume=not args.fresh, label=label)
-        result = distributed.shard_and_gather(attribute, kn, facts, progress=not args.quiet, label=label)
+        stem, n_prompts = f"{label}_knowledge_neurons", sum(len(f.prompts) for f in facts)
+        mine = replace(options, save_scores=save_scores_mode(args.save_scores, n_prompts, kn.n_layers, kn.width, label))
+        # each rank streams the scores of its facts to its own file; rank 0 receives only the per-fact results
+        files = [] if mine.save_scores == "none" else score_file_names(stem, distributed.world_size())
+        with score_file(out / files[distributed.rank()], mine.save_scores, mine.threshold) if files \
+                else nullcontext() as scores:
+            attribute = partial(find_knowledge_neurons, kn, options=mine, model_name=name, baseline=baseline,
+                                cache_dir=out / ".kn_cache", resume=not args.fresh, label=label, scores=scores)
+            result = distributed.shard_and_gather(attribute, kn, facts, progress=not args.quiet, label=label)
         if result is None:  # under torchrun, ranks other than 0 only attribute their share
             continue
         extra = {"arguments": arguments(args), **notes(args),
                  "pairs_file": _pairs_file(result, out, label) if args.pairs_file else None}
-        doc = write_knowledge(result, tokenizer, out, f"{label}_knowledge_neurons", extra)
-        log.info("wrote %s", out / f"{label}_knowledge_neurons.json")
+        doc = write_knowledge(result, tokenizer, out, stem, extra, files)
+        remove_stale(out, stem, files)
+        log.info("wrote %s", out / f"{stem}.json")
         unconverged = completeness(label, result)
         if unconverged:
             log.warning("warning: %s", unconverged)
@@ -363,7 +372,7 @@ def run_comprehensive(args: argparse.Namespace, facts: Sequence[Fact], names: di
         },
         "files": {
             **{f"{label}_knowledge_neurons": f"{label}_knowledge_neurons.json" for label in done},
-            **{f"{label}_knowledge_neurons_scores": d.doc["scores_file"] for label, d in done.items()},
+            **{f"{label}_knowledge_neurons_scores": d.doc["scores_files"] for label, d in done.items()},
             **{f"{label}_overlap_pairs": d.doc["pairs_file"] for label, d in done.items() if d.doc["pairs_file"]},
             **({"mamba_analysis": "mamba_analysis.json"} if attention else {}),
             "report": "report.md",

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from analysis.scores import SAVE_SCORES
 from common.errors import UserError
 from common.tokens import encode, encode_prompt
 from editing.edits import new_answers
@@ -67,6 +68,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trace_samples": (lambda v: v >= 1, "an integer >= 1"),
     "trace_window": (lambda v: v >= 1, "an integer >= 1"),
     "knockout_window": (lambda v: v >= 1, "an integer >= 1"),
+    "save_scores": (_given(lambda v: v in SAVE_SCORES), f"one of {', '.join(SAVE_SCORES)}"),
 }
 
 # option -> the modes that use it; another mode ignores it, and says so when it was given
