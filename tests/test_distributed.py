@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from analysis.scores import load_scores
 from analysis.stage import ModelResult, Options
 from common.errors import UserError
 from common.tokens import encode
@@ -107,9 +108,9 @@ def test_error_lines_under_torchrun(monkeypatch):
 # -----------------------------------------------------------------------------
 # torchrun with 2 gloo ranks
 
-@pytest.mark.parametrize("baseline", ["zero", "mean"])
+@pytest.mark.parametrize("baseline", ["mean"])  # the zero baseline: the invented facts' test below
 def test_two_ranks_give_the_one_process_results(demo_models, tmp_path, baseline):
-    """Also with the mean baseline, which every rank computes from all facts, not from its share."""
+    """The mean baseline, which every rank computes from all facts, not from its share."""
     facts = _write(tmp_path / "facts.jsonl", _rows(SUBSET))
     run = _torchrun([*_args(demo_models, facts, tmp_path / "two"), "--baseline", baseline])
     assert run.returncode == 0, run.stderr[-3000:]
@@ -124,16 +125,54 @@ def test_two_ranks_give_the_one_process_results(demo_models, tmp_path, baseline)
             np.testing.assert_allclose([n[2] for n in a["refined_neurons"]], [n[2] for n in b["refined_neurons"]],
                                        rtol=0, atol=1e-6)
         assert one["overlap"] == two["overlap"]  # from the refined sets alone
-        with np.load(tmp_path / "one" / f"{arch}_knowledge_neurons.npz") as x, \
-                np.load(tmp_path / "two" / f"{arch}_knowledge_neurons.npz") as y:
-            assert sorted(x.files) == sorted(y.files)
+        assert one["scores_files"] == [f"{arch}_knowledge_neurons.npz"]
+        assert two["scores_files"] == [f"{arch}_knowledge_neurons.rank{r}-of-2.npz" for r in range(2)]
+        with load_scores(tmp_path / "one" / f"{arch}_knowledge_neurons.json") as x, \
+                load_scores(tmp_path / "two" / f"{arch}_knowledge_neurons.json") as y:
+            assert sorted(x) == sorted(y) and len(x) == 3 * len(SUBSET)  # scores, deltas, coarse neurons
             # float32 products on 1 thread (a rank) and on 2 (here) round differently: scores to 1e-6; a
             # completeness delta is a difference of terms of order 1 (the scores' sum and
             # P(answer) - P(baseline)), so its round-off is absolute, about 1e-6 of those terms
-            for key in x.files:
-                np.testing.assert_allclose(x[key], y[key], rtol=0, atol=1e-5 if key.endswith("delta") else 1e-6)
+            for key in x:
+                if not key.endswith("coarse_neurons"):  # a neuron at the threshold may flip with the round-off
+                    np.testing.assert_allclose(x[key], y[key], rtol=0, atol=1e-5 if key.endswith("delta") else 1e-6)
     # every rank cached its own facts: all of them are in the (here shared) cache
     assert len(list((tmp_path / "two" / ".kn_cache").rglob("*.pt"))) == 2 * len(SUBSET)
+
+
+def test_two_ranks_of_invented_facts_write_shards_equal_to_one_process(tiny_gpt2, tiny_mamba, tmp_path):
+    """30 invented facts on tiny random models: each rank writes the scores of its own facts to its shard; read
+    back together they are the one process's file, and the JSONs agree."""
+    rows = [{"id": f"inv{k}", "relation": f"r{k % 3}", "subject": f"Zorvek{k}", "answer": f"Talun{k % 5}",
+             "prompts": [f"Zorvek{k} was born in", f"The birthplace of Zorvek{k} is"]} for k in range(30)]
+    facts = _write(tmp_path / "facts.jsonl", rows)
+    args = ["knowledge", "--gpt2-model", tiny_gpt2[0].config._name_or_path, "--mamba-model",
+            tiny_mamba[0].config._name_or_path, "--facts", str(facts), "--steps", "3"]
+    run = _torchrun([*args, "--out", str(tmp_path / "two")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "one"), "-q"]) == 0
+    for arch in ("gpt2", "mamba"):
+        one, two = (json.loads((tmp_path / d / f"{arch}_knowledge_neurons.json").read_text()) for d in ("one", "two"))
+        assert two["options"]["save_scores"] == "prompt" and not (tmp_path / "two" / f"{arch}_knowledge_neurons.npz"
+                                                                   ).exists()
+        # a rank batches its facts with other companions than one process does: float32 round-off, 1e-6
+        for a, b in zip(one["facts"], two["facts"], strict=True):
+            assert [n[:2] for n in a["refined_neurons"]] == [n[:2] for n in b["refined_neurons"]]
+            np.testing.assert_allclose([n[2] for n in a["refined_neurons"]], [n[2] for n in b["refined_neurons"]],
+                                       rtol=1e-5)
+            np.testing.assert_allclose([p["p_answer"] for p in a["prompts"]], [p["p_answer"] for p in b["prompts"]],
+                                       rtol=1e-5)
+        assert sum(f["n_refined"] for f in one["facts"]) > 0
+        keys = []
+        for name in two["scores_files"]:
+            with np.load(tmp_path / "two" / name) as shard:
+                keys.append(set(shard.files))
+        assert all(keys) and not keys[0] & keys[1]  # each rank's own facts
+        with load_scores(tmp_path / "one" / f"{arch}_knowledge_neurons.json") as x, \
+                load_scores(tmp_path / "two" / f"{arch}_knowledge_neurons.json") as y:
+            assert sorted(x) == sorted(y) and len(x) == 3 * len(rows)
+            for key in (k for k in x if k.endswith("scores")):
+                np.testing.assert_allclose(x[key], y[key], rtol=0, atol=1e-6 * float(np.abs(x[key]).max()))
 
 
 FAILURE = """

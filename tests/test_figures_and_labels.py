@@ -58,7 +58,8 @@ def _result(neurons: dict[str, list[tuple[int, int]]], architecture: str = "gpt2
         for layer, i in chosen:
             scores[:, layer, i] = 1.0
         fact = Fact(fact_id, relation(fact_id), "S", "A", ("S is", "S was"))
-        facts.append(FactResult(fact, scores, torch.full((2, 4), delta), [torch.tensor([0.5])] * 2, [[1], [2]], [3]))
+        facts.append(FactResult.of(fact, scores, torch.full((2, 4), delta), [torch.tensor([0.5])] * 2, [[1], [2]], [3],
+                                    Options(steps=4)))
     return ModelResult("folder", architecture, "site", 4, 8, Options(steps=4), facts)
 
 

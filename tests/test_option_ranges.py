@@ -55,6 +55,7 @@ def _error(capsys, stages, argv) -> str:
     ("--threshold", "nan", "--threshold nan: must be a number in (0, 1]"),
     ("--max-prompts-per-fact", "1", "--max-prompts-per-fact 1: must be an integer >= 2"),
     ("--prompts-per-batch", "0", "--prompts-per-batch 0: must be an integer >= 1"),
+    ("--save-scores", "all", "--save-scores all: must be one of none, fact, prompt"),
 ])
 @pytest.mark.parametrize("mode", ["comprehensive", "edit"])
 def test_option_out_of_range_stops_before_any_stage(mode, option, value, message, tmp_path, capsys, stages):

@@ -43,7 +43,8 @@ def _result(neurons: dict[str, list[tuple[int, int]]], p_answer: float) -> Model
         for layer, i in chosen:
             scores[:, layer, i] = 1.0
         fact = Fact(fact_id, "r", "S", "A", ("S is", "S was"))
-        facts.append(FactResult(fact, scores, torch.zeros(2, 4), [torch.tensor([p_answer])] * 2, [[1], [2]], [3]))
+        facts.append(FactResult.of(fact, scores, torch.zeros(2, 4), [torch.tensor([p_answer])] * 2, [[1], [2]], [3],
+                                    Options()))
     return ModelResult("folder", "gpt2", "site", 4, 8, Options(), facts)
 
 

@@ -23,7 +23,7 @@ def _result(n_facts: int, n_relations: int, seed: int = 0) -> ModelResult:
             scores[:, flat // 8, flat % 8] = 1.0
         fact = Fact(f"f{k}", f"P{k % n_relations}", "S", "A", ("S is", "S was"))
         p = torch.tensor([0.1 * (k % 3)])
-        facts.append(FactResult(fact, scores, torch.zeros(2, 4), [p, p], [[1], [2]], [3]))
+        facts.append(FactResult.of(fact, scores, torch.zeros(2, 4), [p, p], [[1], [2]], [3], Options()))
     return ModelResult("folder", "gpt2", "site", 4, 8, Options(), facts)
 
 
