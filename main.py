@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the score file beside each knowledge JSON (one per rank under torchrun): prompt = every "
                    "prompt's (n_layers, width) float32 scores, fact = their mean per fact, both with the completeness "
                    "deltas and coarse neurons; none = no file (default: prompt while all prompts' scores take at most "
-                   "2 GB, else fact)")
+                   "2 GiB, else fact)")
     r.add_argument("--fresh", action="store_true",
                    help="recompute every fact instead of resuming from <out>/.kn_cache")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")

@@ -25,7 +25,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from numpy.lib import format as npy_format
 from torch import Tensor
 
@@ -63,7 +62,7 @@ def fact_arrays(fact_id: str, scores: Tensor, delta: Tensor, mode: str, threshol
     if mode == "prompt":
         arrays[f"{fact_id}/scores"] = scores.float().numpy()
     else:
-        arrays[f"{fact_id}/mean_scores"] = torch.stack(list(scores)).mean(0).float().numpy()
+        arrays[f"{fact_id}/mean_scores"] = scores.float().mean(0).numpy()
     return arrays
 
 
@@ -148,6 +147,6 @@ def save_scores_mode(requested: str | None, n_prompts: int, n_layers: int, width
     if requested is not None:
         return requested
     mode = what_fits(n_prompts, n_layers, width)
-    log.info("%s: --save-scores %s (every prompt's float32 scores take %.2f GB; up to %.0f GB they are all kept)",
-             label, mode, n_prompts * n_layers * width * 4 / 1e9, PROMPT_SCORES_LIMIT / 1e9)
+    log.info("%s: --save-scores %s (every prompt's float32 scores take %.2f GiB; up to %g GiB they are all kept)",
+             label, mode, n_prompts * n_layers * width * 4 / 2**30, PROMPT_SCORES_LIMIT / 2**30)
     return mode

@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from analysis.scores import load_scores  # noqa: E402
 from common.outputs import table  # noqa: E402
 from facts import FACTS  # noqa: E402
 
@@ -98,15 +99,15 @@ def main() -> None:
         for ranks in args.ranks:
             wall, stage, prompts = run(ranks, models, facts_file, tmp / f"out{ranks}", args.steps)
             rows.append([ranks, 1, wall, stage, prompts / stage])
-            with np.load(tmp / f"out{ranks}" / "gpt2_knowledge_neurons.npz") as npz:
-                scores[ranks] = {k: npz[k] for k in npz.files}
+            with load_scores(tmp / f"out{ranks}" / "gpt2_knowledge_neurons.json") as npz:  # the file or the shards
+                scores[ranks] = {k: npz[k] for k in npz}
             print(table(["ranks", "threads", "command s", "GPT-2 stage s", "prompts/s"], rows[-1:]), flush=True)
         load_after = os.getloadavg()
     base = rows[0]
     for row in rows:
         row += [base[2] / row[2], base[3] / row[3]]
     first = scores[args.ranks[0]]
-    diff = max(float(np.abs(first[k] - s[k]).max()) for s in scores.values() for k in first)
+    diff = max(float(np.abs(first[k] - s[k]).max()) for s in scores.values() for k in first if k.endswith("scores"))
     print(f"\n{len(facts)} facts, {prompts} prompts, {args.steps} steps, GPT-2-small shapes (random weights), CPU, "
           f"torch {torch.__version__}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
           f"({os.cpu_count()} cores)")

@@ -105,7 +105,8 @@ def _pairs_file(result: ModelResult, out: Path, label: str) -> str:
 
 
 def knowledge_stage(args: argparse.Namespace, facts: Sequence[Fact], names: dict[str, str]) -> dict[str, Analysed]:
-    """Knowledge neurons of every model (label -> name); writes <label>_knowledge_neurons.json/.npz to --out."""
+    """Knowledge neurons of every model (label -> name); writes <label>_knowledge_neurons.json and
+    its score files (analysis.scores: one a rank under torchrun) to --out."""
     options = options_from(args)
     out = Path(args.out)
     done = {}
