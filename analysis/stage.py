@@ -117,7 +117,7 @@ class ModelResult:
 
     @cached_property
     def refined(self) -> dict[str, list[Neuron]]:
-        """Fact id -> refined neurons (layer, index, mean score), thresholded with the result's options."""
+        """Fact id -> refined neurons (layer, index, mean score): each FactResult.refined (the result's options)."""
         return {r.fact.id: r.refined for r in self.facts}
 
     def neuron_sets(self) -> dict[str, frozenset[tuple[int, int]]]:
