@@ -57,7 +57,8 @@ def score(kn: KnowledgeNeurons, probes: Sequence[Probe], max_rows: int = 32, max
     """Score every probe with the model as it is now.
 
     Probes are sorted by length and run in right-padded batches of at most `max_rows` rows and `max_logits`
-    logits (larger batches of the small demo models run slower on a CPU, not faster).
+    logits (larger batches of the small demo models run slower on a CPU, not faster); the LM head runs on the
+    positions that some probe of the batch scores.
     """
     device = kn.adapter.device
     vocab = kn.model.get_output_embeddings().weight.shape[0]
@@ -75,13 +76,18 @@ def score(kn: KnowledgeNeurons, probes: Sequence[Probe], max_rows: int = 32, max
             tokens = torch.tensor(probes[k].tokens)
             ids[r, : len(tokens) - 1], targets[r, : len(tokens) - 1] = tokens[:-1], tokens[1:]
             mask[r, : len(tokens) - 1] = 1
+        # the LM head runs only on the positions some probe of the chunk scores (those predicting tokens[start:])
+        needed = sorted({t for k in chunk for t in range(probes[k].start - 1, len(probes[k].tokens) - 1)})
+        column = np.full(length, -1)
+        column[needed] = np.arange(len(needed))
+        positions = torch.tensor(needed, device=device)
         with torch.no_grad():
-            logits = kn.adapter.logits(ids.to(device), mask.to(device))  # (rows, T, vocab)
-            logp = logits.float().log_softmax(-1)  # (rows, T, vocab)
-            picked = logp.gather(-1, targets.to(device)[..., None])[..., 0].double().cpu().numpy()  # (rows, T)
-            top1 = logp.argmax(-1).cpu().numpy()  # (rows, T)
+            logits = kn.adapter.logits(ids.to(device), mask.to(device), positions)  # (rows, n, vocab)
+            logp = logits.float().log_softmax(-1)  # (rows, n, vocab)
+            picked = logp.gather(-1, targets.to(device)[:, positions, None])[..., 0].double().cpu().numpy()  # (rows, n)
+            top1 = logp.argmax(-1).cpu().numpy()  # (rows, n)
         for r, k in enumerate(chunk):
-            scored = slice(probes[k].start - 1, len(probes[k].tokens) - 1)  # positions predicting tokens[start:]
+            scored = column[probes[k].start - 1 : len(probes[k].tokens) - 1]
             out[k] = Scored(picked[r, scored], top1[r, scored])
         begin += len(chunk)
     return out
