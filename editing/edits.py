@@ -43,8 +43,8 @@ class EditOptions:
     erase_top: int = 20  # neurons erased per relation
     random_draws: int = 5  # random-slot control sets per edit
     seed: int = 0
-    edit_facts: int | None = 100  # facts updated: a seeded sample of this many (all when fewer; None: all)
-    locality_prompts: int | None = 500  # other facts' prompts each edit is measured on (seeded sample; None: all)
+    edit_facts: int | None = 50  # facts updated: a seeded sample of this many (all when fewer; None: all)
+    locality_prompts: int | None = 200  # other facts' prompts each edit is measured on (seeded sample; None: all)
 
     def __post_init__(self):
         if self.rule not in RULES:

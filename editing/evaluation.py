@@ -82,10 +82,10 @@ def score(kn: KnowledgeNeurons, probes: Sequence[Probe], max_rows: int = 32, max
         column[needed] = np.arange(len(needed))
         positions = torch.tensor(needed, device=device)
         with torch.no_grad():
-            logits = kn.adapter.logits(ids.to(device), mask.to(device), positions)  # (rows, n, vocab)
-            logp = logits.float().log_softmax(-1)  # (rows, n, vocab)
-            picked = logp.gather(-1, targets.to(device)[:, positions, None])[..., 0].double().cpu().numpy()  # (rows, n)
-            top1 = logp.argmax(-1).cpu().numpy()  # (rows, n)
+            logits = kn.adapter.logits(ids.to(device), mask.to(device), positions).float()  # (rows, n, vocab)
+            picked = logits.gather(-1, targets.to(device)[:, positions, None])[..., 0] - logits.logsumexp(-1)
+            picked = picked.double().cpu().numpy()  # (rows, n) log-softmax of each target, without the whole of it
+            top1 = logits.argmax(-1).cpu().numpy()  # (rows, n)
         for r, k in enumerate(chunk):
             scored = column[probes[k].start - 1 : len(probes[k].tokens) - 1]
             out[k] = Scored(picked[r, scored], top1[r, scored])
