@@ -53,8 +53,11 @@ def word(k: int, prefix: str) -> str:
     return prefix + "".join(parts) + str(k % 7)
 
 
+ANSWERS = 50  # distinct answers per relation: 27,738 facts have 27,738 subjects and 1,700 answers (< VOCAB words)
+
+
 def write_folder(root: Path, n_facts: int, n_relations: int, n_patterns: int) -> None:
-    """A ParaRel-shaped folder of n_facts invented facts over n_relations relations."""
+    """A ParaRel-shaped folder of n_facts invented facts over n_relations relations, ANSWERS answers each."""
     patterns, vocab = root / "graphs_json", root / "trex_lms_vocab"
     patterns.mkdir(parents=True)
     vocab.mkdir()
@@ -66,7 +69,8 @@ def write_folder(root: Path, n_facts: int, n_relations: int, n_patterns: int) ->
                                     "lemma": "x"}) + "\n")
         with open(vocab / f"{name}.jsonl", "w") as f:
             for k in range(r, n_facts, n_relations):
-                f.write(json.dumps({"sub_label": word(k, "S"), "obj_label": word(k * 31 + r, "O"),
+                answer = word(r * ANSWERS + (k // n_relations) % ANSWERS, "O")  # answers repeat, as in ParaRel
+                f.write(json.dumps({"sub_label": word(k, "S"), "obj_label": answer,
                                     "uuid": f"inv-{r}-{k}", "predicate_id": name}) + "\n")
 
 
@@ -151,8 +155,9 @@ def tiny_models(folder: Path, facts_dir: Path) -> dict[str, Path]:
     words = set()
     for file in facts_dir.rglob("*.jsonl"):
         for line in file.read_text().splitlines():
-            words.update(w for value in json.loads(line).values() if isinstance(value, str)
-                         for w, _ in split.pre_tokenize_str(value))
+            entry = json.loads(line)
+            words.update(w for key in ("pattern", "sub_label", "obj_label") if key in entry  # not the uuids
+                         for w, _ in split.pre_tokenize_str(entry[key]))
     words = sorted(words)
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
     vocab.update({f"<unused{k}>": k for k in range(len(vocab), VOCAB)})
