@@ -226,29 +226,66 @@ class CausalTracer:
         return out
 
     def _fast(self, run: _Corrupted, site: str, window: int, batch_size: int | None) -> Tensor:
-        """(n_layers, T): rows r = ((layer, t), sample) that join a batch at their lowest restored layer.
+        """(n_layers, T): every restoration (layer, t) and noise sample a row that runs positions t .. T - 1 only.
 
-        The corrupted runs' block inputs are computed once (one forward of the samples); a row enters the batch
-        at the lowest layer it restores, with its sample's corrupted block input there, and goes through the real
-        blocks above (`Adapter.run_block`), the restore hooks acting on its rows; nothing below is recomputed.
-        The LM head runs on the last position only. Positions before the subject are the same in the clean and
-        the corrupted run at every layer, so restoring them changes nothing: their rows are not run and get the
-        corrupted runs' P (exactly). `batch_size` rows per staircase at most (None: all).
+        A restoration at position t changes nothing before t, in any layer: there every row is its noise sample's
+        corrupted run. So a row joins at the lowest layer it restores with its sample's corrupted block inputs of
+        positions t .. T - 1, and every block above continues its sample's corrupted state before t at that layer
+        (`Adapter.position_states`, once per layer for all samples and positions; `Adapter.run_block`), the restore
+        hooks acting on position t of its rows. Restoring block l's output at t is restoring block l + 1's input
+        there, so a residual row joins at l + 1 with that input clean (the last block's: P clean at the last
+        position, P corrupted before it). Rows that have restored the same layers so far are the same computation
+        (windows clamped at layer 0) and run as one branch until they differ (`_Branches`). The LM head runs on
+        the last position only. Positions before the subject are the same in the clean and the corrupted run at
+        every layer, so restoring them changes nothing: their rows are not run and get the corrupted runs' P
+        (exactly). `batch_size` rows of one position per staircase at most (None: all).
         """
         L, T, S = self.n_layers, len(run.ids), run.samples
         inputs, p_samples = self._corrupted_inputs(run)  # L x (S, T, d_model), (S,)
-        grid = torch.arange(L * T * S).view(L, T, S)[:, min(run.subject):].flatten()
-        layer_of, t_of, sample_of = grid // (T * S), grid // S % T, grid % S
-        low = layer_of if site == "residual" else (layer_of - window // 2).clamp(min=0)
-        high = layer_of + 1 if site == "residual" else (layer_of - window // 2 + window).clamp(max=L)
-        order = torch.argsort(low, stable=True)  # rows join in layer order: the active rows are a prefix
-        probs = p_samples.repeat(L * T)
-        chunk = batch_size or len(grid)
-        for start in range(0, len(grid), chunk):
-            rows = order[start : start + chunk]
-            p = self._staircase(run, site, inputs, low[rows], high[rows], t_of[rows], sample_of[rows])
-            probs[grid[rows]] = p
-        return probs.view(L, T, S).mean(-1)
+        dev = self.adapter.device
+        layer, sample = torch.arange(L, device=dev).repeat_interleave(S), torch.arange(S, device=dev).repeat(L)
+        if site == "residual":
+            join = low = high = layer + 1  # nothing restored by a hook
+        else:
+            join = low = (layer - window // 2).clamp(min=0)
+            high = (layer - window // 2 + window).clamp(max=L)
+        order = torch.argsort(join, stable=True)  # rows join in layer order
+        order = order[join[order] < L]  # a residual row of the last block runs nothing
+        chunk = batch_size or len(order)
+        groups = [_Branches(t, order[i : i + chunk], join, low, high, sample)
+                  for t in range(min(run.subject), T) for i in range(0, len(order), chunk)]
+        for j in range(L):
+            states = self.adapter.position_states(j, inputs[j])  # T x state of the S samples before t
+            for g in groups:
+                self._advance(run, site, g, j, inputs[j], states[g.t])
+        probs = p_samples.repeat(L, T, 1)  # (L, T, S)
+        if site == "residual":
+            probs[L - 1, T - 1] = run.p_clean
+        target = torch.full((1,), run.target, device=dev)
+        for g in groups:
+            p = self.adapter.answer_probability(g.h[:, -1], target.expand(len(g.h))).double().cpu()
+            probs[layer[g.rows].cpu(), g.t, sample[g.rows].cpu()] = p[g.branch[g.rows].cpu()]
+        return probs.mean(-1)
+
+    def _advance(self, run: _Corrupted, site: str, g: _Branches, j: int, x: Tensor, state) -> None:
+        """The branches of g through block j: rows joining at j start from the corrupted block inputs x (S, T,
+        d_model) at positions g.t.. (a residual row with the clean one at g.t), the others continue their branch;
+        `state`: the S samples' states before g.t at layer j."""
+        ad = self.adapter
+        if not (g.join[g.rows] <= j).any():
+            return
+        rep, joining = g.branch_out(j)  # a row of each branch, (branches,); whether it starts here
+        h = x.new_empty(len(rep), x.shape[1] - g.t, x.shape[2])
+        h[joining] = x[g.sample[rep[joining]], g.t :]
+        if site == "residual":
+            h[joining, 0] = run.clean["residual"][j - 1][g.t]
+        if not joining.all():
+            h[~joining] = g.h[g.previous[~joining]]
+        restored = torch.nonzero((g.low[rep] <= j) & (j < g.high[rep]))[:, 0]
+        handles = ad.restore_hooks(j, site, restored, torch.zeros_like(restored),
+                                   run.clean[site][j][g.t].expand(len(restored), -1)) if len(restored) else []
+        with _removing(handles):
+            g.h = ad.run_block(j, h, state, g.sample[rep])
 
     def _corrupted_inputs(self, run: _Corrupted) -> tuple[list[Tensor], Tensor]:
         """The block inputs of every layer in the corrupted runs, L x (samples, T, d_model), and their P (samples,)."""
@@ -261,27 +298,6 @@ class CausalTracer:
         with _removing(handles):
             p = self._probabilities(run, torch.arange(run.samples), [], last_only=True)
         return inputs, p.double().cpu()
-
-    def _staircase(self, run: _Corrupted, site: str, inputs: list[Tensor], low: Tensor, high: Tensor, t: Tensor,
-                   sample: Tensor) -> Tensor:
-        """(rows,) P of rows sorted by `low`, each restoring `site` at position t (rows,) in layers low <= j < high,
-        starting from the corrupted block input of its sample at layer low."""
-        ad = self.adapter
-        handles: list[RemovableHandle] = []
-        for j in range(int(low[0]), self.n_layers):
-            mine = torch.nonzero((low <= j) & (j < high))[:, 0]
-            if len(mine):
-                positions = t[mine].to(ad.device)
-                handles += ad.restore_hooks(j, site, mine.to(ad.device), positions, run.clean[site][j][positions])
-        h = None
-        with _removing(handles):
-            for j in range(int(low[0]), self.n_layers):
-                joins = sample[low == j].to(ad.device)
-                if len(joins):
-                    h = inputs[j][joins] if h is None else torch.cat([h, inputs[j][joins]])
-                h = ad.run_block(j, h)
-        target = torch.full((len(h),), run.target, device=ad.device)
-        return ad.answer_probability(h[:, -1], target).double().cpu()
 
     # --- restoring chosen neurons ------------------------------------------------------------------------------
     def restore_neurons(self, prompt: str, answer: str, subject: str, neuron_sets: Sequence[Sequence[tuple[int, int]]],
@@ -342,6 +358,34 @@ class CausalTracer:
         for layer, x in enumerate(inputs):
             h = ad.knockout_output(layer, torch.cat([x[:-1], h[None]]), blocked if layer in layers else none)
         return ad.answer_probability(h[None], torch.tensor([target], device=ad.device)).item()
+
+
+class _Branches:
+    """Restoration rows of one position t, as the branches of a tree: rows that have restored the same layers so
+    far (joined at the same layer, with the same sample, and not yet at different window ends) are one branch.
+
+    rows: (R,) indices into join, low, high, sample (per row of every position: the layer it joins at, its hook
+    window low <= j < high, its noise sample); h: (branches, T - t, d_model) the branches' block outputs after the
+    last block run; branch: each row's branch in h (rows that have not joined: -1).
+    """
+
+    def __init__(self, t: int, rows: Tensor, join: Tensor, low: Tensor, high: Tensor, sample: Tensor):
+        self.t, self.rows, self.join, self.low, self.high, self.sample = t, rows, join, low, high, sample
+        self.branch = torch.full_like(join, -1)
+        self.previous: Tensor | None = None
+        self.h: Tensor | None = None
+
+    def branch_out(self, j: int) -> tuple[Tensor, Tensor]:
+        """The branches at block j: (a row of each, whether it joins at j) (branches,) each; sets `branch` of the
+        rows and `previous`, each branch's branch before j (valid where it does not join)."""
+        rows = self.rows[self.join[self.rows] <= j]
+        window_end = self.high[rows].clamp(max=j + 1)  # the restorations of layers <= j tell the branches apart
+        key = (self.join[rows] * (len(self.join) + 1) + window_end) * len(self.join) + self.sample[rows]
+        _, inverse = torch.unique(key, return_inverse=True)
+        rep = torch.empty(int(inverse.max()) + 1, dtype=torch.long, device=rows.device).scatter_(0, inverse, rows)
+        self.previous = self.branch[rep]
+        self.branch[rows] = inverse
+        return rep, self.join[rep] == j
 
 
 def _restore_last(mask: Tensor, clean: Tensor):

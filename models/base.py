@@ -2,8 +2,10 @@
 
 Integrated gradients only ever scales the neurons at the last position, so an adapter exposes exactly what
 that needs: the clean prompt's per-layer prefix state, and a single-token `step` through one block for a batch
-of rows that share it. Prefix states are computed from the modules' own weights (not through `transformers`'
-cache classes, whose API changes between releases) and checked against the model's own forward.
+of rows that share it. Causal tracing restores a state at one position t, which changes nothing before t, so it
+asks for the same kind of state before every position of its corrupted runs (`position_states`) and runs blocks on
+the positions from t on (`run_block`). Prefix states are computed from the modules' own weights (not through
+`transformers`' cache classes, whose API changes between releases) and checked against the model's own forward.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ class Adapter:
         raise NotImplementedError
 
     def mixing_module(self, layer: int) -> nn.Module:
-        """The module whose output is the token-mixing site of causal tracing (a transformer's attention)."""
+        """The module whose output is the token-mixing site of causal tracing (a transformer's attention output:
+        its output projection)."""
         raise NotImplementedError
 
     def knockout_output(self, layer: int, x: Tensor, blocked: Tensor) -> Tensor:
@@ -113,11 +116,20 @@ class Adapter:
         """
         raise NotImplementedError
 
-    def run_block(self, layer: int, h: Tensor) -> Tensor:
-        """(rows, T, d_model) block inputs of whole sequences -> (rows, T, d_model) outputs, by the real module (so
-        forward hooks on it and its submodules fire); subclasses pass what else the block needs."""
-        out = self.layers[layer](h)
-        return out[0] if isinstance(out, tuple) else out
+    def position_states(self, layer: int, x: Tensor) -> list[Any]:
+        """The states of P whole sequences of one length, x (P, T, d_model) block inputs, before each position:
+        a list of T states (a leading dimension P each), the t-th what `run_block` needs to continue the sequences
+        at position t (t = 0: the empty prefix). Causal tracing's corrupted runs, at every position at once."""
+        raise NotImplementedError
+
+    def run_block(self, layer: int, h: Tensor, state: Any, index: Tensor) -> Tensor:
+        """Block `layer` on n consecutive positions of each row after a prefix: h (rows, n, d_model) block inputs,
+        state the prefix states of P prompts (`position_states` or `layer_states`), index (rows,) the prompt each
+        row continues -> (rows, n, d_model) block outputs. Computed from the weights through the modules of the
+        "kn_site" and "token_mixing" sites (`site_module`; and `record_hooks` / `restore_hooks`' others), so that
+        their forward hooks fire (positions count from the first after the prefix); not through the block itself.
+        """
+        raise NotImplementedError
 
     # --- causal tracing: the three restoration sites -------------------------------------------------------
     def site_module(self, layer: int, site: str) -> nn.Module:

@@ -46,7 +46,7 @@ class GPT2Adapter(TransformerAdapter):
         return (t.view(-1, self.n_heads, self.head_dim) for t in (q, k, v))
 
     def mixing_module(self, layer: int) -> nn.Module:
-        return self.layers[layer].attn
+        return self.layers[layer].attn.c_proj  # its output is the attention module's (resid_dropout: eval mode)
 
     def pre_neurons(self, layer: int, h: Tensor, state: KV, index: Tensor,
                     blocked: Tensor | None = None) -> tuple[Tensor, Tensor]:

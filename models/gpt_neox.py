@@ -53,15 +53,11 @@ class GPTNeoXAdapter(TransformerAdapter):
         cos, sin = self.model.gpt_neox.rotary_emb(x, positions[None])  # (1, n, rotary_dim) each
         return _rotate(q, cos[0], sin[0]), _rotate(k, cos[0], sin[0]), v
 
-    def _block_kwargs(self, h: Tensor) -> dict:
-        positions = torch.arange(h.shape[1], device=h.device)[None]
-        return {"position_ids": positions, "position_embeddings": self.model.gpt_neox.rotary_emb(h, positions)}
-
     def _scaling(self, layer: int) -> float:
         return self.head_dim**-0.5
 
     def mixing_module(self, layer: int) -> nn.Module:
-        return self.layers[layer].attention
+        return self.layers[layer].attention.dense  # its output is the attention module's
 
     def pre_neurons(self, layer: int, h: Tensor, state: KV, index: Tensor,
                     blocked: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -15,15 +15,17 @@ from models.ssm import SSMAdapter, SSMInputs, causal_conv
 
 @dataclass
 class ConvSSMState:
-    """Mamba state after position T-2, for P prompts.
+    """Mamba state after a prefix (the attribution: position T-2, before the last), for P prompts.
 
-    conv: (P, d_inner) what the causal conv takes from the positions before the last (their d_conv - 1 inputs
-          times the kernel's taps, plus the bias): the last position's conv output is conv + w_last * xs_last.
-    ssm:  (P, d_inner, d_state) the SSM state h_{T-2}.
+    conv:   (P, d_inner) what the causal conv takes from the prefix (its d_conv - 1 last inputs times the kernel's
+            taps, plus the bias): the next position's conv output is conv + w_last * xs_next.
+    ssm:    (P, d_inner, d_state) the SSM state after the prefix (h_{T-2}).
+    window: (P, d_conv - 1, d_inner) those d_conv - 1 conv inputs (zeros before the start), for `run_block`.
     """
 
     conv: Tensor
     ssm: Tensor
+    window: Tensor
 
 
 class MambaAdapter(SSMAdapter):
@@ -53,17 +55,18 @@ class MambaAdapter(SSMAdapter):
         dt_low, B, C = mixer.x_proj(u).split([rank, n, n], dim=-1)
         return F.softplus(mixer.dt_proj(dt_low)), B, C
 
-    def ssm_inputs(self, layer: int, x: Tensor) -> SSMInputs:
-        """x: (T, d_model) or (P, T, d_model) block inputs -> the SSM inputs of every position."""
+    def ssm_inputs(self, layer: int, x: Tensor, window: Tensor | None = None) -> SSMInputs:
+        """x: (T, d_model) or (P, T, d_model) block inputs -> the SSM inputs of every position (window: see
+        `SSMAdapter.ssm_inputs`)."""
         block = self.layers[layer]
         mixer = block.mixer
         xs, z = mixer.in_proj(block.norm(x)).chunk(2, dim=-1)  # (..., T, d_inner) each
-        u = F.silu(causal_conv(xs, mixer.conv1d))
+        u = F.silu(causal_conv(xs, mixer.conv1d, window))
         dt, B, C = self._split(mixer, u)
         return SSMInputs(xs, u, z, dt, B[..., None, :], C[..., None, :], -torch.exp(mixer.A_log), mixer.D)  # 1 group
 
-    def _state(self, conv: Tensor, ssm: Tensor) -> ConvSSMState:
-        return ConvSSMState(conv, ssm[:, :, 0])  # one channel per decay unit
+    def _state(self, conv: Tensor, ssm: Tensor, window: Tensor) -> ConvSSMState:
+        return ConvSSMState(conv, ssm[:, :, 0], window)  # one channel per decay unit
 
     def pre_neurons(self, layer: int, h: Tensor, state: ConvSSMState, index: Tensor) -> tuple[Tensor, Tensor]:
         block = self.layers[layer]

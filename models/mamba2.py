@@ -22,16 +22,17 @@ from models.ssm import SSMAdapter, SSMInputs, causal_conv
 
 @dataclass
 class Mamba2State:
-    """Mamba-2 state after position T-2, for P prompts.
+    """Mamba-2 state after a prefix (the attribution: position T-2, before the last), for P prompts.
 
-    conv: (P, conv_dim) what the causal conv takes from the positions before the last (their d_conv - 1 inputs
-          [x, B, C] times the kernel's taps, plus the bias): the last position's conv output is
-          conv + w_last * xBC_last.
-    ssm:  (P, heads, head_dim, d_state) the SSM state h_{T-2}.
+    conv:   (P, conv_dim) what the causal conv takes from the prefix (its d_conv - 1 last inputs [x, B, C] times
+            the kernel's taps, plus the bias): the next position's conv output is conv + w_last * xBC_next.
+    ssm:    (P, heads, head_dim, d_state) the SSM state after the prefix (h_{T-2}).
+    window: (P, d_conv - 1, conv_dim) those d_conv - 1 conv inputs (zeros before the start), for `run_block`.
     """
 
     conv: Tensor
     ssm: Tensor
+    window: Tensor
 
 
 class Mamba2Adapter(SSMAdapter):
@@ -62,7 +63,7 @@ class Mamba2Adapter(SSMAdapter):
         return projected.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], -1)[0]
 
     def _in_proj(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (n, d_model) block inputs -> z (n, d_inner), xBC (n, conv_dim), dt (n, heads) before the bias."""
+        """x: (..., d_model) block inputs -> z (n, d_inner), xBC (n, conv_dim), dt (n, heads) before the bias."""
         block = self.layers[layer]
         mixer = block.mixer
         return mixer.in_proj(block.norm(x)).split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], -1)
@@ -75,19 +76,20 @@ class Mamba2Adapter(SSMAdapter):
         dt = F.softplus(dt + mixer.dt_bias).clamp(*mixer.time_step_limit)
         return x, B.unflatten(-1, (groups, n)), C.unflatten(-1, (groups, n)), dt
 
-    def ssm_inputs(self, layer: int, x: Tensor) -> SSMInputs:
-        """x: (T, d_model) or (P, T, d_model) block inputs -> the SSM inputs of every position."""
+    def ssm_inputs(self, layer: int, x: Tensor, window: Tensor | None = None) -> SSMInputs:
+        """x: (T, d_model) or (P, T, d_model) block inputs -> the SSM inputs of every position (window: see
+        `SSMAdapter.ssm_inputs`)."""
         mixer = self.layers[layer].mixer
         z, xbc, dt = self._in_proj(layer, x)
-        u, B, C, dt = self._split(mixer, causal_conv(xbc, mixer.conv1d), dt)
+        u, B, C, dt = self._split(mixer, causal_conv(xbc, mixer.conv1d, window), dt)
         return SSMInputs(xbc, u, z, dt, B, C, -torch.exp(mixer.A_log)[:, None], mixer.D)
 
     def _heads(self, mixer: nn.Module, t: Tensor) -> Tensor:
         """(n, n_groups, d_state) -> (n, heads, d_state): the group of each head, as transformers repeats it."""
         return t.repeat_interleave(mixer.num_heads // mixer.n_groups, dim=-2)
 
-    def _state(self, conv: Tensor, ssm: Tensor) -> Mamba2State:
-        return Mamba2State(conv, ssm)
+    def _state(self, conv: Tensor, ssm: Tensor, window: Tensor) -> Mamba2State:
+        return Mamba2State(conv, ssm, window)
 
     def pre_neurons(self, layer: int, h: Tensor, state: Mamba2State, index: Tensor) -> tuple[Tensor, Tensor]:
         mixer = self.layers[layer].mixer

@@ -107,80 +107,123 @@ class SSMInputs:
             states.append(torch.einsum("ptun,ptuc->pucn", weight, x[p : p + chunk]))
         return torch.cat(states)
 
-    def outputs(self) -> Tensor:
-        """(P, T, d_inner) the scan output y at every position (with the D skip, before the gate); the fields carry
-        the prompt dimension P.
+    def states(self, initial: Tensor | None = None) -> Tensor:
+        """(T, P, G, H/G, channels per unit, d_state) the state h_t after every position, time-major (units split
+        as (groups, units per group)); the fields carry the prompt dimension P. initial: the state before the first
+        position, (P, H, channels per unit, d_state) or another shape of those entries in that order (Mamba's
+        (P, d_inner, d_state)); None: zeros (the sequence starts here).
 
-        The recurrence h_t = exp(Delta_t A) h_{t-1} + Delta_t B_t x_t, y_t = C_t . h_t + D x_t, step by step as
-        the reference code, with the factors of every step built at once straight into a time-major, contiguous
-        layout (units split as (groups, units per group), so B and C broadcast instead of being copied per unit):
-        a step is one fused multiply-add, and the readout one batched product over all steps.
+        The recurrence h_t = exp(Delta_t A) h_{t-1} + Delta_t B_t x_t step by step as the reference code, with the
+        factors of every step built at once straight into a time-major, contiguous layout (B broadcast over a
+        group's units instead of copied per unit): a step is one fused multiply-add.
         """
-        T, H, G = self.dt.shape[1], self.dt.shape[2], self.B.shape[-2]
+        H, G = self.dt.shape[2], self.B.shape[-2]
         dt = self.dt.transpose(0, 1).unflatten(-1, (G, -1))  # (T, P, G, H/G)
         x = self.u.transpose(0, 1).unflatten(-1, (G, H // G, -1))  # (T, P, G, H/G, c) c channels per unit
-        B, C = self.B.transpose(0, 1), self.C.transpose(0, 1)  # (T, P, G, d_state)
+        B = self.B.transpose(0, 1)  # (T, P, G, d_state)
         A = self.A.unflatten(0, (G, -1))  # (G, H/G, d_state or 1)
         decay = torch.exp(dt[..., None] * A)[..., None, :]  # (T, P, G, H/G, 1, d_state or 1)
         states = (dt[..., None, None] * x[..., None]) * B[:, :, :, None, None, :]  # (T, P, G, H/G, c, d_state)
+        if initial is not None:
+            states[0].addcmul_(decay[0], initial.reshape(states.shape[1:]))
         h = states[0]
-        for t in range(1, T):
+        for t in range(1, len(states)):
             h = torch.addcmul(states[t], decay[t], h, out=states[t])
-        y = torch.matmul(states.flatten(3, 4), C[..., None])[..., 0]  # (T, P, G, H/G * c)
+        return states
+
+    def outputs(self, initial: Tensor | None = None) -> Tensor:
+        """(P, T, d_inner) the scan output y at every position (with the D skip, before the gate), from the state
+        `initial` before the first position (see `states`; None: zeros); the fields carry the prompt dimension P.
+        The readout y_t = C_t . h_t + D x_t of every step is one batched product (C broadcast over a group's units).
+        """
+        C = self.C.transpose(0, 1)  # (T, P, G, d_state)
+        y = torch.matmul(self.states(initial).flatten(3, 4), C[..., None])[..., 0]  # (T, P, G, H/G * c)
         y = y.flatten(2).transpose(0, 1)  # (P, T, d_inner)
-        return y + self.D.repeat_interleave(self.u.shape[-1] // H) * self.u
+        return y + self.D.repeat_interleave(self.u.shape[-1] // self.dt.shape[-1]) * self.u
 
 
-def causal_conv(xs: Tensor, conv: nn.Conv1d) -> Tensor:
-    """The depthwise causal conv of the mixers: xs (..., T, channels) -> (..., T, channels)."""
+def causal_conv(xs: Tensor, conv: nn.Conv1d, window: Tensor | None = None) -> Tensor:
+    """The depthwise causal conv of the mixers: xs (..., T, channels) -> (..., T, channels). window: the inputs of
+    the d_conv - 1 positions before the first, (..., d_conv - 1, channels) (see `conv_window`); None: zeros (the
+    sequence starts here)."""
     T, channels = xs.shape[-2:]
-    flat = xs.reshape(-1, T, channels).transpose(1, 2)  # (n, channels, T)
-    out = F.conv1d(flat, conv.weight, conv.bias, padding=conv.kernel_size[0] - 1, groups=channels)[..., :T]
+    k = conv.kernel_size[0]
+    if window is None:
+        window = xs.new_zeros(*xs.shape[:-2], k - 1, channels)
+    flat = torch.cat([window, xs], -2).reshape(-1, k - 1 + T, channels).transpose(1, 2)  # (n, channels, k - 1 + T)
+    out = F.conv1d(flat, conv.weight, conv.bias, groups=channels)  # (n, channels, T)
     return out.transpose(1, 2).reshape(xs.shape)
 
 
-def conv_prefix(xs: Tensor, before: Tensor, conv: nn.Conv1d) -> Tensor:
-    """What the causal conv takes from the positions before the last: (P, channels).
-
-    xs (P, T, channels) conv inputs, before (P,) the positions before each prompt's last: the last position's
-    conv output is this plus the last tap times its own input. Positions before the start count as zeros.
-    """
-    k = conv.kernel_size[0]
-    taps = conv.weight[:, 0, :-1]  # (channels, k - 1): the taps of the previous positions
+def conv_window(xs: Tensor, before: Tensor, k: int) -> Tensor:
+    """(P, k - 1, channels) the conv inputs of the k - 1 positions before position before[p] of each prompt, from
+    xs (P, T, channels), before (P,); positions before the start count as zeros."""
     padded = F.pad(xs, (0, 0, k - 1, 0))  # position t of xs is k - 1 + t of padded
     positions = before[:, None] + torch.arange(k - 1, device=xs.device)  # (P, k - 1) in padded
-    window = padded[torch.arange(len(xs), device=xs.device)[:, None], positions]  # (P, k - 1, channels)
-    out = torch.einsum("pic,ci->pc", window, taps)  # (P, channels)
+    return padded[torch.arange(len(xs), device=xs.device)[:, None], positions]
+
+
+def conv_prefix(window: Tensor, conv: nn.Conv1d) -> Tensor:
+    """What the causal conv takes from the positions of a window (P, k - 1, channels) (`conv_window`): (P, channels);
+    the next position's conv output is this plus the last tap times its own input."""
+    out = torch.einsum("pic,ci->pc", window, conv.weight[:, 0, :-1])  # the taps of the previous positions
     return out + conv.bias if conv.bias is not None else out
 
 
 class SSMAdapter(Adapter):
     """An adapter of a model whose blocks mix tokens by a selective scan (see the module docstring)."""
 
-    def ssm_inputs(self, layer: int, x: Tensor) -> SSMInputs:
+    def ssm_inputs(self, layer: int, x: Tensor, window: Tensor | None = None) -> SSMInputs:
         """x: (T, d_model) block inputs of a whole sequence, or (P, T, d_model) of P right-padded ones -> the
-        scan's inputs at every position."""
+        scan's inputs at every position. window: (P, d_conv - 1, conv channels) the conv inputs of the positions
+        before the first (`causal_conv`); None: the sequences start at their first position."""
         raise NotImplementedError
 
-    def _state(self, conv: Tensor, ssm: Tensor):
-        """The adapter's state of P prompts from conv (P, channels) and ssm (P, H, channels per unit, d_state)."""
+    def _state(self, conv: Tensor, ssm: Tensor, window: Tensor):
+        """The adapter's state of P prompts from conv (P, channels) (`conv_prefix`), ssm (P, H, channels per unit,
+        d_state) and the conv window (P, d_conv - 1, channels) it was summed from."""
         raise NotImplementedError
 
     def layer_states(self, layer: int, x: Tensor, before: Tensor):
         s = self.ssm_inputs(layer, x)
-        return self._state(conv_prefix(s.xs, before, self.layers[layer].mixer.conv1d), s.final_states(before))
+        conv = self.layers[layer].mixer.conv1d
+        window = conv_window(s.xs, before, conv.kernel_size[0])
+        return self._state(conv_prefix(window, conv), s.final_states(before), window)
+
+    def position_states(self, layer: int, x: Tensor) -> list:
+        """The conv window and SSM state before every position t of x (P, T, d_model): one scan of the sequences
+        (`SSMInputs.states`), the windows views of their conv inputs."""
+        s = self.ssm_inputs(layer, x)
+        conv = self.layers[layer].mixer.conv1d
+        padded = F.pad(s.xs, (0, 0, conv.kernel_size[0] - 1, 0))  # position t of xs is k - 1 + t of padded
+        states = s.states().flatten(2, 3)  # (T, P, H, channels per unit, d_state)
+        out = []
+        for t in range(x.shape[1]):
+            window = padded[:, t : t + conv.kernel_size[0] - 1]
+            out.append(self._state(conv_prefix(window, conv), states[t - 1] if t else torch.zeros_like(states[0]),
+                                   window))
+        return out
+
+    def run_block(self, layer: int, h: Tensor, state, index: Tensor) -> Tensor:
+        """As `Adapter.run_block`: the conv and the scan continue each row's prompt's window and SSM state."""
+        return self._block(layer, h, state.window[index], state.ssm[index])
+
+    def _block(self, layer: int, h: Tensor, window: Tensor | None = None, initial: Tensor | None = None) -> Tensor:
+        """(P, T, d_model) block inputs -> outputs h + project(layer, y * neuron_factor(layer, y, z)), y the scan
+        output at every position (`SSMInputs.outputs`) from the conv window and SSM state before the first
+        (None: the sequences start there); the neurons go through `neuron_module`, so its hooks fire."""
+        s = self.ssm_inputs(layer, h, window)
+        y = s.outputs(initial)  # (P, T, d_inner)
+        return h + self.project(layer, y * self.neuron_factor(layer, y, s.z))
 
     def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                positions: Tensor | None = None) -> Tensor:
         """The model's logits (P, T, vocab) of right-padded prompts (P, T), or (P, n, vocab) at `positions` (n,),
-        recomputed block by block from the weights with a chunked scan (`SSMInputs.outputs`); the neurons go through
-        `neuron_module`, so its hooks fire as in the model's own forward. The mask is not needed: a position never
-        reads the pads after it."""
+        recomputed block by block from the weights (`_block`); the neurons go through `neuron_module`, so its hooks
+        fire as in the model's own forward. The mask is not needed: a position never reads the pads after it."""
         h = self.model.get_input_embeddings()(input_ids)  # (P, T, d_model)
         for layer in range(self.n_layers):
-            s = self.ssm_inputs(layer, h)
-            y = s.outputs()  # (P, T, d_inner)
-            h = h + self.project(layer, y * self.neuron_factor(layer, y, s.z))
+            h = self._block(layer, h)
         return self.head(h if positions is None else h[:, positions])
 
     token_mixing_kind = "hidden attention: mean |alpha_{T-1, j}| over decay units, normalised to sum 1"
