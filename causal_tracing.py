@@ -281,6 +281,11 @@ class CausalTracer:
             h[joining, 0] = run.clean["residual"][j - 1][g.t]
         if not joining.all():
             h[~joining] = g.h[g.previous[~joining]]
+        if j == self.n_layers - 1 and h.shape[1] > 1:
+            # only the last position's output is read, and restoring g.t's in the last block changes only g.t's
+            rows = torch.arange(len(h), device=h.device)
+            g.h = ad.step(j, h[:, -1], ad.extend(j, state, g.sample[rep], h[:, :-1]), rows)[:, None]
+            return
         restored = torch.nonzero((g.low[rep] <= j) & (j < g.high[rep]))[:, 0]
         handles = ad.restore_hooks(j, site, restored, torch.zeros_like(restored),
                                    run.clean[site][j][g.t].expand(len(restored), -1)) if len(restored) else []

@@ -206,50 +206,77 @@ def attribute_facts(kn: KnowledgeNeurons, facts: Sequence[Fact], options: Option
     return out
 
 
-class FactCache:
-    """Finished facts of one model, option set and baseline, one file each, under `folder`.
+class FactFiles:
+    """One file per finished fact of one model under `folder`/<model>[-<kind>]-<key>, what lets a stage resume.
+
+    key: everything besides the model and the fact that the stage's numbers depend on (its options); its hash
+    names the folder. A fact's file is named by its id and a hash of its content (without `new_answer`, which
+    only editing reads) and of `extra`, what else that fact's numbers depend on.
+    """
+
+    suffix = ".pt"
+
+    def __init__(self, folder: Path, model_name: str, model, key: dict, kind: str = ""):
+        content = json.dumps({"model": model_fingerprint(model), **key}, sort_keys=True)
+        self.key = hashlib.sha256(content.encode()).hexdigest()[:16]
+        self.folder = Path(folder) / "-".join(filter(None, [Path(model_name).name or "model", kind, self.key]))
+
+    def _path(self, fact: Fact, extra: dict | None = None) -> Path:
+        scored = {k: v for k, v in dataclasses.asdict(fact).items() if k != "new_answer"}  # edits only
+        if extra is not None:
+            scored["extra"] = extra
+        content = json.dumps(scored, sort_keys=True).encode()
+        return self.folder / f"{fact.id}-{hashlib.sha256(content).hexdigest()[:12]}{self.suffix}"
+
+    def _read(self, fact: Fact, parse, extra: dict | None = None):
+        """parse(the bytes of fact's file), or None when there is no file or it is damaged: parse raised (a warning
+        names the file; the fact is then recomputed and the file rewritten)."""
+        path = self._path(fact, extra)
+        if not path.exists():
+            return None
+        try:
+            return parse(path.read_bytes())
+        except Exception as exc:  # whatever makes the file unreadable, it is recomputed, never used
+            reason = f"{type(exc).__name__}: {str(exc).split('. ')[0]}"  # torch's messages run on for sentences
+            log.warning("damaged cache file %s (%s); recomputing fact %s", path, reason, fact.id)
+            return None
+
+    def _write(self, fact: Fact, data: bytes, extra: dict | None = None) -> None:
+        atomic_write(self._path(fact, extra), lambda f: f.write(data))
+
+
+class FactCache(FactFiles):
+    """Finished facts of one model, option set and baseline (the knowledge stage).
 
     baseline: the activations alpha = 0 stood for (None: zeros); its bytes are part of the key, since a mean
     baseline depends on the facts it was averaged over, not only on the options.
     """
 
     def __init__(self, folder: Path, model_name: str, model, options: Options, baseline: Tensor | None = None):
-        content = {"model": model_fingerprint(model), **options.scores_key()}
+        content = options.scores_key()
         if baseline is not None:
             content["baseline_sha256"] = hashlib.sha256(baseline.detach().cpu().double().numpy().tobytes()).hexdigest()
-        key = json.dumps(content, sort_keys=True)
-        self.key = hashlib.sha256(key.encode()).hexdigest()[:16]
-        self.folder = Path(folder) / f"{Path(model_name).name or 'model'}-{self.key}"
+        super().__init__(folder, model_name, model, content)
         self.options = options
 
-    def _path(self, fact: Fact) -> Path:
-        scored = {k: v for k, v in dataclasses.asdict(fact).items() if k != "new_answer"}  # edits only
-        content = json.dumps(scored, sort_keys=True).encode()
-        return self.folder / f"{fact.id}-{hashlib.sha256(content).hexdigest()[:12]}.pt"
-
     def load(self, fact: Fact) -> FactResult | None:
-        """The cached result of `fact`, or None when there is none or its file is damaged (a warning names it;
-        the fact is then recomputed and the file rewritten)."""
-        path = self._path(fact)
-        if not path.exists():
-            return None
-        try:
-            d = torch.load(path, weights_only=True)
+        """The cached result of `fact`, or None when there is none or its file is damaged (see `FactFiles._read`)."""
+
+        def parse(data: bytes) -> FactResult:
+            d = torch.load(io.BytesIO(data), weights_only=True)
             result = FactResult.of(fact, d["scores"], d["delta"], d["probs"], d["prompt_ids"], d["answer_ids"],
                                    self.options)
             counts = {len(result.scores), len(result.delta), len(result.probs), len(result.prompt_ids)}
             if counts != {len(fact.prompts)}:
                 raise ValueError(f"holds {sorted(counts)} prompts, the fact has {len(fact.prompts)}")
-        except Exception as exc:  # whatever makes the file unreadable, it is recomputed, never used
-            reason = f"{type(exc).__name__}: {str(exc).split('. ')[0]}"  # torch's messages run on for sentences
-            log.warning("damaged cache file %s (%s); recomputing fact %s", path, reason, fact.id)
-            return None
-        return result
+            return result
+
+        return self._read(fact, parse)
 
     def save(self, r: FactResult) -> None:
         buf = io.BytesIO()
         torch.save({k: getattr(r, k) for k in ("scores", "delta", "probs", "prompt_ids", "answer_ids")}, buf)
-        atomic_write(self._path(r.fact), lambda f: f.write(buf.getvalue()))
+        self._write(r.fact, buf.getvalue())
 
 
 def find_knowledge_neurons(

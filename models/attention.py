@@ -119,6 +119,15 @@ class TransformerAdapter(Adapter):
         return [KV(k[:, :, :t], v[:, :, :t], torch.ones(P, t, dtype=torch.bool, device=device),
                    torch.full((P,), t, device=device)) for t in range(T)]
 
+    def extend(self, layer: int, state: KV, index: Tensor, h: Tensor) -> KV:
+        """Each row's prompt's keys and values followed by those of its n positions h (rows, n, d_model)."""
+        rows, n = h.shape[:2]
+        positions = state.position[index][:, None] + torch.arange(n, device=h.device)  # (rows, n)
+        _, k, v = self._qkv(layer, h.flatten(0, 1), positions.flatten())
+        k, v = (t.unflatten(0, (rows, n)).transpose(1, 2) for t in (k, v))  # (rows, heads, n, head_dim)
+        valid = torch.cat([state.valid[index], torch.ones(rows, n, dtype=torch.bool, device=h.device)], 1)
+        return KV(torch.cat([state.k[index], k], 2), torch.cat([state.v[index], v], 2), valid, positions[:, -1] + 1)
+
     def token_mixing(self, input_ids: Tensor) -> Tensor:
         return self.last_position_attention(input_ids).mean(1)
 

@@ -122,6 +122,11 @@ class Adapter:
         at position t (t = 0: the empty prefix). Causal tracing's corrupted runs, at every position at once."""
         raise NotImplementedError
 
+    def extend(self, layer: int, state: Any, index: Tensor, h: Tensor) -> Any:
+        """The states of rows after their prompt's prefix (state of P prompts, index (rows,)) and n more positions
+        whose block inputs are h (rows, n, d_model), n >= 1: a state of `rows` prompts for `step` / `run_block`."""
+        raise NotImplementedError
+
     def run_block(self, layer: int, h: Tensor, state: Any, index: Tensor) -> Tensor:
         """Block `layer` on n consecutive positions of each row after a prefix: h (rows, n, d_model) block inputs,
         state the prefix states of P prompts (`position_states` or `layer_states`), index (rows,) the prompt each

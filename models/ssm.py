@@ -204,6 +204,13 @@ class SSMAdapter(Adapter):
                                    window))
         return out
 
+    def extend(self, layer: int, state, index: Tensor, h: Tensor):
+        """Each row's conv window and SSM state after its prompt's prefix and its n positions h (rows, n, d_model)."""
+        conv = self.layers[layer].mixer.conv1d
+        s = self.ssm_inputs(layer, h, state.window[index])
+        window = torch.cat([state.window[index], s.xs], 1)[:, -(conv.kernel_size[0] - 1) :]
+        return self._state(conv_prefix(window, conv), s.states(state.ssm[index])[-1].flatten(1, 2), window)
+
     def run_block(self, layer: int, h: Tensor, state, index: Tensor) -> Tensor:
         """As `Adapter.run_block`: the conv and the scan continue each row's prompt's window and SSM state."""
         return self._block(layer, h, state.window[index], state.ssm[index])

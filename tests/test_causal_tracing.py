@@ -33,6 +33,25 @@ def test_fast_equals_reference_noise(tracer64, window):
     assert not torch.allclose(fast.residual, torch.full_like(fast.residual, fast.p_corrupt))  # restorations matter
 
 
+PLACES = {  # where the subject sits: at the start, in the middle of a longer prompt (several Mamba-2 SSD chunks), at the end
+    "first": ("Eiffel Tower is located in the city of", "Eiffel Tower"),
+    "middle": ("The longest river in China is the Yangtze. The Eiffel Tower is located in the city of", "Eiffel Tower"),
+    "last": ("The capital of France is the city of the Eiffel Tower", "Eiffel Tower"),
+}
+
+
+@pytest.mark.parametrize("place", list(PLACES))
+def test_fast_equals_reference_wherever_the_subject_is(tracer64, place):
+    """Each fast row runs only the positions from its restored one, from the corrupted runs' states before it:
+    restorations at the first position (nothing before), far into a long prompt, at the last position."""
+    prompt, subject = PLACES[place]
+    fast = tracer64.trace(prompt, ANSWER, subject, samples=2, seed=2, window=2)
+    ref = tracer64.trace(prompt, ANSWER, subject, samples=2, seed=2, window=2, method="reference")
+    assert (fast.subject[0] == 0) == (place == "first") and (fast.subject[-1] == len(fast.tokens) - 1) == (place == "last")
+    for site in SITES:
+        torch.testing.assert_close(getattr(fast, site), getattr(ref, site), rtol=1e-6, atol=1e-12)
+
+
 def test_fast_equals_reference_swap(tracer64):
     kw = dict(corruption="swap", swap_subject="China", window=2)
     fast = tracer64.trace(PROMPT, ANSWER, SUBJECT, **kw)

@@ -4,6 +4,8 @@ the prompt's tokens (h_t = exp(Delta_t A) h_{t-1} + Delta_t B_t x_t)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,3 +134,31 @@ def test_attention_against_own_prompt_grouped_and_gathered(index):
     for r, p in enumerate(index.tolist()):
         torch.testing.assert_close(scores[r], torch.einsum("hd,htd->ht", q[r], k[p]))
         torch.testing.assert_close(out[r], torch.einsum("ht,htd->hd", w[r], v[p]))
+
+
+def test_blocks_continue_the_state_before_every_position(tiny_model):
+    """Causal tracing's prefix states: a block run on positions t.. of some sequences from `position_states`' t-th
+    state (t = 0: nothing before; t = T - 1: the last position alone), and the last position's step from that
+    state extended by positions t .. T - 2, equal the model's own block outputs there, every layer, rows
+    continuing other sequences' states in another order; float64, 9 positions (past the conv window, over several
+    of the tiny Mamba-2's SSD chunks)."""
+    model, _ = tiny_model
+    adapter = adapter_for(copy.deepcopy(model).double())  # a copy: the fixture is shared
+    torch.manual_seed(5)
+    inputs, last_out, _ = adapter._batched_block_io([torch.randint(1, 300, (9,)) for _ in range(3)])
+    index = torch.tensor([2, 0, 1, 1])
+    with torch.no_grad():
+        for layer, x in enumerate(inputs):  # x: (3, 9, d_model)
+            expected = inputs[layer + 1] if layer + 1 < adapter.n_layers else last_out
+            # 1e-6 of the largest output: Mamba-2's gated norm computes in float32 inside the real model, even in a
+            # float64 model (a wrong prefix state is off by the outputs' own size)
+            tol = dict(rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+            states = adapter.position_states(layer, x)
+            assert len(states) == x.shape[1]
+            for t, state in enumerate(states):
+                torch.testing.assert_close(adapter.run_block(layer, x[index, t:], state, index), expected[index, t:],
+                                           **tol)
+                if t < x.shape[1] - 1:  # the state extended by positions t .. T - 2, and the last position's step
+                    longer = adapter.extend(layer, state, index, x[index, t:-1])
+                    last = adapter.step(layer, x[index, -1], longer, torch.arange(len(index)))
+                    torch.testing.assert_close(last, expected[index, -1], **tol)
