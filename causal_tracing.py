@@ -18,9 +18,11 @@ each a mean over the noise samples. nu defaults to 3 x the standard deviation of
 
 Two ways of computing the same numbers: "reference", one hooked full forward of the real model per restoration
 (the noise samples as its batch, as ROME's code); "fast", every restoration and noise sample a row of one batch
-that joins at the lowest layer it restores, from its sample's corrupted block input there, and runs the real
-blocks above (a staircase, as the knowledge neurons' attribution); nothing below the restored layers is
-recomputed. Both recompute every position of the layers they run.
+per restored position t. A restoration at t changes nothing before t in any layer, so a row runs only positions
+t .. T - 1: it joins at the lowest layer it restores with its sample's corrupted block inputs there, and each block
+above continues that sample's corrupted state before t at that layer (keys and values; conv window and SSM state:
+`Adapter.position_states`, `Adapter.run_block`); rows that have restored the same layers so far run as one
+branch; the last block runs the last position only, the LM head too (see `CausalTracer._fast`).
 
 Knockout: P when the last position cannot read some positions (the subject's, the other non-last ones, or its
 own) in the layers of a window around l: attention edges masked for transformers (scores -inf), and for
@@ -131,8 +133,8 @@ class CausalTracer:
         with eval_mode(self.model), torch.no_grad():
             run = self._corrupted(prompt, answer, subject, corruption, samples, seed, noise, swap_subject)
             p_corrupt = self._probabilities(run, torch.arange(run.samples), []).mean().item()
-            maps = {site: (self._fast if method == "fast" else self._reference)(run, site, window, batch_size)
-                    for site in SITES}
+            maps = (self._fast(run, window, batch_size) if method == "fast" else
+                    {site: self._reference(run, site, window) for site in SITES})
         options = {"corruption": corruption, "samples": run.samples, "seed": seed, "window": window, "noise": run.nu,
                    "swap_subject": swap_subject}
         return Trace(run.p_clean, p_corrupt, *(maps[s].cpu() for s in SITES), run.tokens, run.subject, run.target,
@@ -213,7 +215,7 @@ class CausalTracer:
             logits = self.model(run.ids[None].expand(len(sample), -1), use_cache=False, **keep).logits[:, -1]
         return logits.softmax(-1)[:, run.target]
 
-    def _reference(self, run: _Corrupted, site: str, window: int, batch_size: int | None) -> Tensor:
+    def _reference(self, run: _Corrupted, site: str, window: int) -> Tensor:
         """(n_layers, T): one forward per restoration, the noise samples as its rows."""
         L, T, S = self.n_layers, len(run.ids), run.samples
         out = torch.empty(L, T, dtype=torch.float64)
@@ -225,8 +227,9 @@ class CausalTracer:
                 out[layer, t] = p.double().mean().item()
         return out
 
-    def _fast(self, run: _Corrupted, site: str, window: int, batch_size: int | None) -> Tensor:
-        """(n_layers, T): every restoration (layer, t) and noise sample a row that runs positions t .. T - 1 only.
+    def _fast(self, run: _Corrupted, window: int, batch_size: int | None) -> dict[str, Tensor]:
+        """site -> (n_layers, T): every restoration (site, layer, t) and noise sample a row that runs positions
+        t .. T - 1 only.
 
         A restoration at position t changes nothing before t, in any layer: there every row is its noise sample's
         corrupted run. So a row joins at the lowest layer it restores with its sample's corrupted block inputs of
@@ -235,50 +238,49 @@ class CausalTracer:
         hooks acting on position t of its rows. Restoring block l's output at t is restoring block l + 1's input
         there, so a residual row joins at l + 1 with that input clean (the last block's: P clean at the last
         position, P corrupted before it). Rows that have restored the same layers so far are the same computation
-        (windows clamped at layer 0) and run as one branch until they differ (`_Branches`). The LM head runs on
-        the last position only. Positions before the subject are the same in the clean and the corrupted run at
-        every layer, so restoring them changes nothing: their rows are not run and get the corrupted runs' P
-        (exactly). `batch_size` rows of one position per staircase at most (None: all).
+        (windows clamped at layer 0) and run as one branch until they differ (`_Branches`). The last block runs
+        the last position only (`Adapter.extend`; a restoration at t < T - 1 there changes only position t), the
+        LM head too. Positions before the subject are the same in the clean and the corrupted run at every layer,
+        so restoring them changes nothing: their rows are not run and get the corrupted runs' P (exactly). The rows
+        of the three sites run together, `batch_size` rows of one position per staircase at most (None: all).
         """
         L, T, S = self.n_layers, len(run.ids), run.samples
         inputs, p_samples = self._corrupted_inputs(run)  # L x (S, T, d_model), (S,)
         dev = self.adapter.device
-        layer, sample = torch.arange(L, device=dev).repeat_interleave(S), torch.arange(S, device=dev).repeat(L)
-        if site == "residual":
-            join = low = high = layer + 1  # nothing restored by a hook
-        else:
-            join = low = (layer - window // 2).clamp(min=0)
-            high = (layer - window // 2 + window).clamp(max=L)
-        order = torch.argsort(join, stable=True)  # rows join in layer order
-        order = order[join[order] < L]  # a residual row of the last block runs nothing
+        grid = torch.arange(len(SITES) * L * S, device=dev)
+        site, layer, sample = grid // (L * S), grid // S % L, grid % S  # the rows of a position
+        residual = site == SITES.index("residual")
+        low = torch.where(residual, layer + 1, (layer - window // 2).clamp(min=0))  # where a row joins
+        high = torch.where(residual, layer + 1, (layer - window // 2 + window).clamp(max=L))  # residual: no hook
+        order = torch.argsort(low, stable=True)  # rows join in layer order
+        order = order[low[order] < L]  # a residual row of the last block runs nothing
         chunk = batch_size or len(order)
-        groups = [_Branches(t, order[i : i + chunk], join, low, high, sample)
+        groups = [_Branches(t, order[i : i + chunk], site, low, high, sample)
                   for t in range(min(run.subject), T) for i in range(0, len(order), chunk)]
         for j in range(L):
-            states = self.adapter.position_states(j, inputs[j])  # T x state of the S samples before t
+            states = self.adapter.position_states(j, inputs[j])  # T x the S samples' states before t
             for g in groups:
-                self._advance(run, site, g, j, inputs[j], states[g.t])
-        probs = p_samples.repeat(L, T, 1)  # (L, T, S)
-        if site == "residual":
-            probs[L - 1, T - 1] = run.p_clean
+                self._advance(run, g, j, inputs[j], states[g.t])
+        probs = p_samples.repeat(len(SITES), L, T, 1)  # (sites, L, T, S)
+        probs[SITES.index("residual"), L - 1, T - 1] = run.p_clean
         target = torch.full((1,), run.target, device=dev)
         for g in groups:
             p = self.adapter.answer_probability(g.h[:, -1], target.expand(len(g.h))).double().cpu()
-            probs[layer[g.rows].cpu(), g.t, sample[g.rows].cpu()] = p[g.branch[g.rows].cpu()]
-        return probs.mean(-1)
+            rows = g.rows.cpu()
+            probs[site[rows], layer[rows], g.t, sample[rows]] = p[g.branch[rows]]
+        return dict(zip(SITES, probs.mean(-1), strict=True))
 
-    def _advance(self, run: _Corrupted, site: str, g: _Branches, j: int, x: Tensor, state) -> None:
+    def _advance(self, run: _Corrupted, g: _Branches, j: int, x: Tensor, state) -> None:
         """The branches of g through block j: rows joining at j start from the corrupted block inputs x (S, T,
         d_model) at positions g.t.. (a residual row with the clean one at g.t), the others continue their branch;
         `state`: the S samples' states before g.t at layer j."""
         ad = self.adapter
-        if not (g.join[g.rows] <= j).any():
+        if not (g.low[g.rows] <= j).any():
             return
         rep, joining = g.branch_out(j)  # a row of each branch, (branches,); whether it starts here
         h = x.new_empty(len(rep), x.shape[1] - g.t, x.shape[2])
         h[joining] = x[g.sample[rep[joining]], g.t :]
-        if site == "residual":
-            h[joining, 0] = run.clean["residual"][j - 1][g.t]
+        h[joining & (g.site[rep] == SITES.index("residual")), 0] = run.clean["residual"][j - 1][g.t]
         if not joining.all():
             h[~joining] = g.h[g.previous[~joining]]
         if j == self.n_layers - 1 and h.shape[1] > 1:
@@ -286,9 +288,12 @@ class CausalTracer:
             rows = torch.arange(len(h), device=h.device)
             g.h = ad.step(j, h[:, -1], ad.extend(j, state, g.sample[rep], h[:, :-1]), rows)[:, None]
             return
-        restored = torch.nonzero((g.low[rep] <= j) & (j < g.high[rep]))[:, 0]
-        handles = ad.restore_hooks(j, site, restored, torch.zeros_like(restored),
-                                   run.clean[site][j][g.t].expand(len(restored), -1)) if len(restored) else []
+        handles = []
+        for k, site in enumerate(SITES):
+            restored = torch.nonzero((g.site[rep] == k) & (g.low[rep] <= j) & (j < g.high[rep]))[:, 0]
+            if len(restored):
+                handles += ad.restore_hooks(j, site, restored, torch.zeros_like(restored),
+                                            run.clean[site][j][g.t].expand(len(restored), -1))
         with _removing(handles):
             g.h = ad.run_block(j, h, state, g.sample[rep])
 
@@ -367,30 +372,33 @@ class CausalTracer:
 
 class _Branches:
     """Restoration rows of one position t, as the branches of a tree: rows that have restored the same layers so
-    far (joined at the same layer, with the same sample, and not yet at different window ends) are one branch.
+    far (of one site, joined at the same layer, with the same sample, and not yet at different window ends) are
+    one branch.
 
-    rows: (R,) indices into join, low, high, sample (per row of every position: the layer it joins at, its hook
-    window low <= j < high, its noise sample); h: (branches, T - t, d_model) the branches' block outputs after the
-    last block run; branch: each row's branch in h (rows that have not joined: -1).
+    rows: (R,) indices into site, low, high, sample (per row of every position: its site's index in SITES, its
+    layers low <= j < high, where low is the layer it joins at and j the hooked ones, its noise sample);
+    h: (branches, T - t, d_model) the branches' outputs of the last block run; branch: each row's branch in h
+    (-1 before it joins).
     """
 
-    def __init__(self, t: int, rows: Tensor, join: Tensor, low: Tensor, high: Tensor, sample: Tensor):
-        self.t, self.rows, self.join, self.low, self.high, self.sample = t, rows, join, low, high, sample
-        self.branch = torch.full_like(join, -1)
+    def __init__(self, t: int, rows: Tensor, site: Tensor, low: Tensor, high: Tensor, sample: Tensor):
+        self.t, self.rows, self.site, self.low, self.high, self.sample = t, rows, site, low, high, sample
+        self.branch = torch.full_like(low, -1)
         self.previous: Tensor | None = None
         self.h: Tensor | None = None
 
     def branch_out(self, j: int) -> tuple[Tensor, Tensor]:
         """The branches at block j: (a row of each, whether it joins at j) (branches,) each; sets `branch` of the
         rows and `previous`, each branch's branch before j (valid where it does not join)."""
-        rows = self.rows[self.join[self.rows] <= j]
+        rows = self.rows[self.low[self.rows] <= j]
         window_end = self.high[rows].clamp(max=j + 1)  # the restorations of layers <= j tell the branches apart
-        key = (self.join[rows] * (len(self.join) + 1) + window_end) * len(self.join) + self.sample[rows]
+        n = len(self.low)
+        key = ((self.site[rows] * n + self.low[rows]) * n + window_end) * n + self.sample[rows]
         _, inverse = torch.unique(key, return_inverse=True)
         rep = torch.empty(int(inverse.max()) + 1, dtype=torch.long, device=rows.device).scatter_(0, inverse, rows)
         self.previous = self.branch[rep]
         self.branch[rows] = inverse
-        return rep, self.join[rep] == j
+        return rep, self.low[rep] == j
 
 
 def _restore_last(mask: Tensor, clean: Tensor):

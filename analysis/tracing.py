@@ -11,8 +11,11 @@ takes no part in that group's mean.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,10 +23,14 @@ from tqdm.auto import tqdm
 
 from analysis.interventions import random_controls
 from analysis.significance import bootstrap_mean
+from analysis.stage import FactFiles
 from causal_tracing import KNOCKOUTS, SITES, CausalTracer
 from common.errors import UserError
+from common.sampling import seeded_rng
 from facts import Fact
 from knowledge_neurons import Neuron
+
+log = logging.getLogger(__name__)
 
 GROUPS = ("first_subject", "middle_subject", "last_subject", "first_after", "further", "last")
 
@@ -74,11 +81,12 @@ def swap_subject(tracer: CausalTracer, fact: Fact, facts: Sequence[Fact]) -> str
                     f"{fact.subject!r} in {prompt!r}; use --corruption noise")
 
 
-def trace_fact(tracer: CausalTracer, fact: Fact, facts: Sequence[Fact], options: TraceOptions, nu: float | None,
-               neurons: Sequence[Neuron], rng: np.random.Generator) -> dict:
-    """Trace, knockout and knowledge-neuron cross-check of one fact's first prompt (JSON-ready)."""
+def trace_fact(tracer: CausalTracer, fact: Fact, options: TraceOptions, nu: float | None, swap: str | None,
+               kn: Sequence[tuple[int, int]]) -> dict:
+    """Trace, knockout and knowledge-neuron cross-check (its refined neurons kn, (layer, index) each) of one
+    fact's first prompt (JSON-ready); swap: the swap subject (corruption "swap"). The random neurons of the
+    cross-check are the fact's own seeded draws (`seeded_rng`), so its numbers do not depend on the other facts."""
     prompt = fact.prompts[0]
-    swap = swap_subject(tracer, fact, facts) if options.corruption == "swap" else None
     t = tracer.trace(prompt, fact.answer, fact.subject, options.corruption, options.samples, options.seed,
                      options.window, nu, swap)
     knockout = {kind: tracer.knockout(prompt, fact.answer, fact.subject, options.knockout_window, kind).tolist()
@@ -87,8 +95,8 @@ def trace_fact(tracer: CausalTracer, fact: Fact, facts: Sequence[Fact], options:
               "subject": fact.subject, "swap_subject": swap, "tokens": t.tokens, "subject_positions": t.subject,
               "p_clean": t.p_clean, "p_corrupt": t.p_corrupt,
               **{site: getattr(t, site).tolist() for site in SITES}, "knockout": knockout, "kn_cross_check": None}
-    kn = [(layer, i) for layer, i, _ in neurons]
     if kn and options.corruption == "noise":
+        rng = seeded_rng(options.seed, f"causal trace controls {fact.id}")
         controls = random_controls(kn, tracer.adapter.width, options.random_draws, rng)
         _, p_corrupt, p = tracer.restore_neurons(prompt, fact.answer, fact.subject, [kn, *controls], "noise",
                                                  options.samples, options.seed, nu)
@@ -97,6 +105,33 @@ def trace_fact(tracer: CausalTracer, fact: Fact, facts: Sequence[Fact], options:
                                     "restore_random": p[1:].mean().item() - p_corrupt,
                                     "restore_random_draws": (p[1:] - p_corrupt).tolist()}
     return record
+
+
+class TraceCache(FactFiles):
+    """Finished facts of the causal-tracing stage of one model, one JSON record each (`trace_fact`), under
+    <folder>/<model>-trace-<key>: the key holds every trace option a fact's numbers depend on (all but
+    `bootstrap`, which only the summary uses) with the noise level nu actually used (the default is measured
+    over the fact set); each fact's file also names its swap subject and its refined neurons."""
+
+    suffix = ".json"
+
+    def __init__(self, folder: Path, model_name: str, model, options: TraceOptions, nu: float | None):
+        key = {k: v for k, v in asdict(options).items() if k != "bootstrap"} | {"noise": nu}
+        super().__init__(folder, model_name, model, key, kind="trace")
+
+    def load(self, fact: Fact, extra: dict) -> dict | None:
+        """The cached record of `fact`, or None (none, or a damaged file: see `FactFiles._read`)."""
+
+        def parse(data: bytes) -> dict:
+            record = json.loads(data)
+            if record["id"] != fact.id or record["prompt"] != fact.prompts[0]:
+                raise ValueError(f"holds fact {record['id']!r}, prompt {record['prompt']!r}")
+            return record
+
+        return self._read(fact, parse, extra)
+
+    def save(self, fact: Fact, record: dict, extra: dict) -> None:
+        self._write(fact, json.dumps(record).encode(), extra)
 
 
 def _group_means(values: np.ndarray, p_corrupt: float, groups: dict[str, list[int]]) -> np.ndarray:
@@ -162,18 +197,33 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
 
 def trace_model(model, tokenizer, facts: Sequence[Fact], refined: Mapping[str, Sequence[Neuron]],
                 options: TraceOptions, progress: bool = True, label: str = "",
-                traced: Sequence[Fact] | None = None) -> dict:
+                traced: Sequence[Fact] | None = None, cache_dir: Path | None = None, resume: bool = True,
+                model_name: str = "") -> dict:
     """The facts `traced` (default: all) of one model -> {"options", "facts": [per fact], "summary"} (JSON-ready);
-    nu and the swap subjects come from all `facts`."""
+    nu and the swap subjects come from all `facts`. Finished facts are saved to `cache_dir` (when given;
+    `TraceCache`, the folder named by `model_name` or `label`) and, with `resume`, taken from there instead of
+    being traced again."""
     tracer = CausalTracer(model, tokenizer)
     nu = None
     if options.corruption == "noise":
         nu = options.noise if options.noise is not None else tracer.noise_level([f.subject for f in facts])
-    rng = np.random.default_rng(options.seed)
+    cache = TraceCache(cache_dir, model_name or label, model, options, nu) if cache_dir else None
     torch.manual_seed(options.seed)
-    records = [trace_fact(tracer, fact, facts, options, nu, refined.get(fact.id, ()), rng)
-               for fact in tqdm(facts if traced is None else traced, desc=f"causal trace {label}".strip(), unit="fact",
-                                disable=not progress)]
+    traced = list(facts if traced is None else traced)
+    records, reused = [], 0
+    for fact in tqdm(traced, desc=f"causal trace {label}".strip(), unit="fact", disable=not progress):
+        swap = swap_subject(tracer, fact, facts) if options.corruption == "swap" else None
+        kn = [(layer, i) for layer, i, _ in refined.get(fact.id, ())]
+        extra = {"swap_subject": swap, "neurons": kn}
+        record = cache.load(fact, extra) if cache and resume else None
+        reused += record is not None
+        if record is None:
+            record = trace_fact(tracer, fact, options, nu, swap, kn)
+            if cache:
+                cache.save(fact, record, extra)
+        records.append(record)
+    if reused:
+        log.info("%s: reused %d of %d traced facts from %s", label, reused, len(traced), cache.folder)
     return {"options": {**asdict(options), "noise": nu, "noise_rule": "given" if options.noise is not None else
                         "3 x std of the subjects' token embeddings over the facts (ROME)"},
             "n_layers": tracer.n_layers,

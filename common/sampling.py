@@ -8,9 +8,14 @@ import zlib
 import numpy as np
 
 
+def seeded_rng(seed: int, name: str) -> np.random.Generator:
+    """A generator that is a function of (seed, name) only: `name` gives each stage (or item) its own draws."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
 def sample_indices(n: int, k: int | None, seed: int, name: str) -> np.ndarray:
     """Sorted indices of a seeded sample of k of range(n) without replacement (all of them when k is None or at
     least n). `name` gives each stage its own draws."""
     if k is None or k >= n:
         return np.arange(n)
-    return np.sort(np.random.default_rng([seed, zlib.crc32(name.encode())]).choice(n, k, replace=False))
+    return np.sort(seeded_rng(seed, name).choice(n, k, replace=False))

@@ -265,7 +265,8 @@ def trace_stage(args: argparse.Namespace, facts: Sequence[Fact], done: dict[str,
     docs = {}
     for label, d in done.items():
         traced = trace_model(d.kn.model, d.kn.tokenizer, facts, d.result.refined, options, progress=not args.quiet,
-                             label=label, traced=sample)
+                             label=label, traced=sample, cache_dir=out / ".kn_cache", resume=not args.fresh,
+                             model_name=names[label])
         traced["sampling"] = {"facts": len(facts), "facts_traced": len(sample), "trace_facts": args.trace_facts,
                               "seed": args.seed}
         heatmaps = plot_trace_heatmaps(traced, named(label, d.kn.model.config.model_type), out / "figures",

@@ -1,13 +1,18 @@
-"""The per-fact cache: a damaged file is reported, recomputed and rewritten, never used."""
+"""The per-fact caches: a damaged file is reported, recomputed and rewritten, never used; the causal-tracing
+stage resumes from its cache, and only under the options that gave its numbers."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 
 import pytest
 import torch
 
 from analysis.stage import FactCache, Options, find_knowledge_neurons
+from analysis.tracing import TraceOptions, trace_model
+from causal_tracing import CausalTracer
 from facts import Fact
 from knowledge_neurons import KnowledgeNeurons
 
@@ -73,3 +78,37 @@ def test_a_mean_baseline_over_other_facts_is_not_reused(tiny_gpt2, tmp_path, cap
         again = find_knowledge_neurons(kn, [FACT, other], options, "tiny", tmp_path, progress=False).facts[0]
     assert "reused 2 of 2 facts" in caplog.text
     assert torch.equal(again.scores, both.scores)
+
+
+TRACE_FACTS = [Fact("capital_france", "capital_of", "France", "Paris", ("The capital of France is",)),
+               Fact("capital_china", "capital_of", "China", "Beijing", ("The capital of China is",))]
+TRACE = TraceOptions(samples=2, window=2, knockout_window=1, random_draws=2, bootstrap=10)
+REFINED = {"capital_france": [(0, 1, 0.5), (1, 3, 0.2)], "capital_china": [(2, 7, 0.4)]}
+
+
+def _trace(model, cache_dir, options=TRACE, resume=True):
+    return trace_model(*model, TRACE_FACTS, REFINED, options, progress=False, label="tiny", cache_dir=cache_dir,
+                       resume=resume)
+
+
+def test_trace_stage_resumes_from_its_cache(tiny_gpt2, tmp_path, caplog, monkeypatch):
+    first = _trace(tiny_gpt2, tmp_path)
+    assert len(list(tmp_path.glob("tiny-trace-*/*.json"))) == 2
+    with caplog.at_level(logging.INFO):
+        fresh = _trace(tiny_gpt2, tmp_path, resume=False)  # --fresh: traced again
+    assert "reused" not in caplog.text and json.dumps(fresh) == json.dumps(first)
+    monkeypatch.setattr(CausalTracer, "trace", lambda *args, **kwargs: pytest.fail("traced again"))
+    with caplog.at_level(logging.INFO):
+        again = _trace(tiny_gpt2, tmp_path)
+    assert "reused 2 of 2 traced facts" in caplog.text
+    assert json.dumps(again) == json.dumps(first)  # every number, the summary from the cached records too
+
+
+@pytest.mark.parametrize("change", [{"samples": 3}, {"window": 1}, {"seed": 1}, {"noise": 0.5},
+                                    {"corruption": "swap"}, {"knockout_window": 2}])
+def test_trace_cache_is_not_reused_when_the_numbers_change(tiny_gpt2, tmp_path, caplog, change):
+    first = _trace(tiny_gpt2, tmp_path)
+    with caplog.at_level(logging.INFO):
+        other = _trace(tiny_gpt2, tmp_path, dataclasses.replace(TRACE, **change))
+    assert "reused" not in caplog.text
+    assert json.dumps(other["facts"]) != json.dumps(first["facts"])

@@ -25,7 +25,7 @@ def tracer64(tiny_model):
 
 @pytest.mark.parametrize("window", [1, 10])
 def test_fast_equals_reference_noise(tracer64, window):
-    fast = tracer64.trace(PROMPT2, ANSWER, SUBJECT2, samples=3, seed=1, window=window, batch_size=50)
+    fast = tracer64.trace(PROMPT2, ANSWER, SUBJECT2, samples=3, seed=1, window=window, batch_size=5)
     ref = tracer64.trace(PROMPT2, ANSWER, SUBJECT2, samples=3, seed=1, window=window, method="reference")
     assert fast.p_corrupt == pytest.approx(ref.p_corrupt, rel=1e-6)
     for site in SITES:
@@ -33,9 +33,9 @@ def test_fast_equals_reference_noise(tracer64, window):
     assert not torch.allclose(fast.residual, torch.full_like(fast.residual, fast.p_corrupt))  # restorations matter
 
 
-PLACES = {  # where the subject sits: at the start, in the middle of a longer prompt (several Mamba-2 SSD chunks), at the end
+PLACES = {  # the subject at the start, in the middle of a longer prompt (several Mamba-2 SSD chunks), at the end
     "first": ("Eiffel Tower is located in the city of", "Eiffel Tower"),
-    "middle": ("The longest river in China is the Yangtze. The Eiffel Tower is located in the city of", "Eiffel Tower"),
+    "middle": ("The river is the Yangtze. The Eiffel Tower is in the city of", "Eiffel Tower"),
     "last": ("The capital of France is the city of the Eiffel Tower", "Eiffel Tower"),
 }
 
@@ -47,7 +47,8 @@ def test_fast_equals_reference_wherever_the_subject_is(tracer64, place):
     prompt, subject = PLACES[place]
     fast = tracer64.trace(prompt, ANSWER, subject, samples=2, seed=2, window=2)
     ref = tracer64.trace(prompt, ANSWER, subject, samples=2, seed=2, window=2, method="reference")
-    assert (fast.subject[0] == 0) == (place == "first") and (fast.subject[-1] == len(fast.tokens) - 1) == (place == "last")
+    assert (fast.subject[0] == 0) == (place == "first")
+    assert (fast.subject[-1] == len(fast.tokens) - 1) == (place == "last")
     for site in SITES:
         torch.testing.assert_close(getattr(fast, site), getattr(ref, site), rtol=1e-6, atol=1e-12)
 
