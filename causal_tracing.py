@@ -247,7 +247,7 @@ class CausalTracer:
         L, T, S = self.n_layers, len(run.ids), run.samples
         inputs, p_samples = self._corrupted_inputs(run)  # L x (S, T, d_model), (S,)
         dev = self.adapter.device
-        grid = torch.arange(len(SITES) * L * S, device=dev)
+        grid = torch.arange(len(SITES) * L * S)  # the bookkeeping of rows and branches stays on the CPU
         site, layer, sample = grid // (L * S), grid // S % L, grid % S  # the rows of a position
         residual = site == SITES.index("residual")
         low = torch.where(residual, layer + 1, (layer - window // 2).clamp(min=0))  # where a row joins
@@ -266,8 +266,7 @@ class CausalTracer:
         target = torch.full((1,), run.target, device=dev)
         for g in groups:
             p = self.adapter.answer_probability(g.h[:, -1], target.expand(len(g.h))).double().cpu()
-            rows = g.rows.cpu()
-            probs[site[rows], layer[rows], g.t, sample[rows]] = p[g.branch[rows]]
+            probs[site[g.rows], layer[g.rows], g.t, sample[g.rows]] = p[g.branch[g.rows]]
         return dict(zip(SITES, probs.mean(-1), strict=True))
 
     def _advance(self, run: _Corrupted, g: _Branches, j: int, x: Tensor, state) -> None:
@@ -278,24 +277,26 @@ class CausalTracer:
         if not (g.low[g.rows] <= j).any():
             return
         rep, joining = g.branch_out(j)  # a row of each branch, (branches,); whether it starts here
+        dev = x.device
+        index = g.sample[rep].to(dev)  # each branch's noise sample: the prompt of `state` it continues
         h = x.new_empty(len(rep), x.shape[1] - g.t, x.shape[2])
-        h[joining] = x[g.sample[rep[joining]], g.t :]
-        h[joining & (g.site[rep] == SITES.index("residual")), 0] = run.clean["residual"][j - 1][g.t]
+        h[joining.to(dev)] = x[index[joining.to(dev)], g.t :]
+        h[(joining & (g.site[rep] == SITES.index("residual"))).to(dev), 0] = run.clean["residual"][j - 1][g.t]
         if not joining.all():
-            h[~joining] = g.h[g.previous[~joining]]
+            h[~joining.to(dev)] = g.h[g.previous[~joining].to(dev)]
         if j == self.n_layers - 1 and h.shape[1] > 1:
             # only the last position's output is read, and restoring g.t's in the last block changes only g.t's
-            rows = torch.arange(len(h), device=h.device)
-            g.h = ad.step(j, h[:, -1], ad.extend(j, state, g.sample[rep], h[:, :-1]), rows)[:, None]
+            rows = torch.arange(len(h), device=dev)
+            g.h = ad.step(j, h[:, -1], ad.extend(j, state, index, h[:, :-1]), rows)[:, None]
             return
         handles = []
         for k, site in enumerate(SITES):
-            restored = torch.nonzero((g.site[rep] == k) & (g.low[rep] <= j) & (j < g.high[rep]))[:, 0]
+            restored = torch.nonzero((g.site[rep] == k) & (g.low[rep] <= j) & (j < g.high[rep]))[:, 0].to(dev)
             if len(restored):
                 handles += ad.restore_hooks(j, site, restored, torch.zeros_like(restored),
                                             run.clean[site][j][g.t].expand(len(restored), -1))
         with _removing(handles):
-            g.h = ad.run_block(j, h, state, g.sample[rep])
+            g.h = ad.run_block(j, h, state, index)
 
     def _corrupted_inputs(self, run: _Corrupted) -> tuple[list[Tensor], Tensor]:
         """The block inputs of every layer in the corrupted runs, L x (samples, T, d_model), and their P (samples,)."""
@@ -395,7 +396,7 @@ class _Branches:
         n = len(self.low)
         key = ((self.site[rows] * n + self.low[rows]) * n + window_end) * n + self.sample[rows]
         _, inverse = torch.unique(key, return_inverse=True)
-        rep = torch.empty(int(inverse.max()) + 1, dtype=torch.long, device=rows.device).scatter_(0, inverse, rows)
+        rep = torch.empty(int(inverse.max()) + 1, dtype=torch.long).scatter_(0, inverse, rows)
         self.previous = self.branch[rep]
         self.branch[rows] = inverse
         return rep, self.low[rep] == j
