@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from analysis.cache import FactFiles
 from analysis.interventions import random_controls
 from analysis.significance import bootstrap_mean
-from analysis.stage import FactFiles
 from causal_tracing import KNOCKOUTS, SITES, CausalTracer
 from common.errors import UserError
 from common.sampling import seeded_rng

@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from analysis.stage import ModelResult, model_fingerprint
+from analysis.cache import model_fingerprint
+from analysis.stage import ModelResult
 from common.errors import UserError
 from common.tokens import continuation
 from facts import Fact, facts_hash
