@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 from models.base import Adapter
 
 SCAN_ELEMENTS = 2**24  # at most this many (prompts, T, units, d_state) decay weights at once in `final_states`
+STATE_ELEMENTS = 2**19  # at most this many (prompts, T, d_inner, d_state) state entries at once in `outputs`
 
 
 @dataclass
@@ -48,6 +49,11 @@ class SSMInputs:
     C: Tensor
     A: Tensor
     D: Tensor
+
+    def prompts(self, rows: slice) -> SSMInputs:
+        """The scan of some of the prompts (the fields' leading dimension P)."""
+        return SSMInputs(self.xs[rows], self.u[rows], self.z[rows], self.dt[rows], self.B[rows], self.C[rows], self.A,
+                         self.D)
 
     def group(self, units: slice | Tensor) -> Tensor:
         """(c,) the B / C group of some decay units (units are split evenly over the groups, in order)."""
@@ -136,6 +142,12 @@ class SSMInputs:
         `initial` before the first position (see `states`; None: zeros); the fields carry the prompt dimension P.
         The readout y_t = C_t . h_t + D x_t of every step is one batched product (C broadcast over a group's units).
         """
+        n_prompts, T, d_inner = self.u.shape
+        chunk = max(1, STATE_ELEMENTS // (T * d_inner * self.A.shape[-1]))
+        if n_prompts > chunk:  # prompts in chunks whose states stay a few MB, not one (T, P, d_inner, d_state) array
+            return torch.cat([self.prompts(slice(p, p + chunk)).outputs(None if initial is None else
+                                                                        initial[p : p + chunk])
+                              for p in range(0, n_prompts, chunk)])
         C = self.C.transpose(0, 1)  # (T, P, G, d_state)
         y = torch.matmul(self.states(initial).flatten(3, 4), C[..., None])[..., 0]  # (T, P, G, H/G * c)
         y = y.flatten(2).transpose(0, 1)  # (P, T, d_inner)

@@ -162,3 +162,25 @@ def test_blocks_continue_the_state_before_every_position(tiny_model):
                     longer = adapter.extend(layer, state, index, x[index, t:-1])
                     last = adapter.step(layer, x[index, -1], longer, torch.arange(len(index)))
                     torch.testing.assert_close(last, expected[index, -1], **tol)
+
+
+def test_scan_outputs_in_prompt_chunks_equal_one_batch(tiny_model, monkeypatch):
+    """`SSMInputs.outputs` splits the prompts into chunks whose states fit STATE_ELEMENTS: one prompt a chunk gives
+    the one-batch outputs, with and without a starting state (float64)."""
+    import models.ssm as ssm
+
+    model, _ = tiny_model
+    adapter = adapter_for(copy.deepcopy(model).double())
+    if not isinstance(adapter, ssm.SSMAdapter):
+        pytest.skip("a state-space model's scan")
+    torch.manual_seed(6)
+    inputs, _, _ = adapter._batched_block_io([torch.randint(1, 300, (6,)) for _ in range(4)])
+    with torch.no_grad():
+        s = adapter.ssm_inputs(0, inputs[0])  # fields (4, 6, ...)
+        H, channels = s.dt.shape[-1], s.u.shape[-1] // s.dt.shape[-1]
+        initial = torch.randn(4, H, channels, s.B.shape[-1], dtype=torch.float64)
+        whole = [s.outputs(), s.outputs(initial)]
+        monkeypatch.setattr(ssm, "STATE_ELEMENTS", 1)
+        chunked = [s.outputs(), s.outputs(initial)]
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
