@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "batch's prompts share passes); lower it if memory runs out (default: all rows of a batch at once)")
     a.add_argument("--prompts-per-batch", type=int, metavar="N",
                    help="prompts of several facts attributed together, facts of similar length together, a fact "
-                   "never split (default: 32 on a CPU, 128 on a GPU)")
+                   "never split (default: 32 on a CPU, 4 there for models of over 4096 neurons, 128 on a GPU)")
     s = p.add_argument_group("controls and statistics")
     s.add_argument("--seed", type=int, default=Options.seed,
                    help="seed for random controls, permutations, bootstrap (default: %(default)s)")

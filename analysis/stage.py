@@ -151,11 +151,19 @@ def baseline_activations(kn: KnowledgeNeurons, facts: Sequence[Fact], options: O
 # prompts per `attribute_many` call when --prompts-per-batch is not given, by device type: enough rows that the
 # fixed cost of a pass (Python, small kernels) is shared, few enough that a CPU pass stays in memory
 PROMPTS_PER_BATCH = {"cpu": 32, "cuda": 128}
+# on a CPU, models of more neurons than this batch CPU_LARGE_MODEL prompts: GPT-2-small / Mamba-130M shapes ran the
+# whole knowledge mode in 361 s at 32 prompts a batch and 227 s at 4 (2026-12-02; Mamba's states outgrow the cache)
+LARGE_MODEL_NEURONS, CPU_LARGE_MODEL = 4096, 4
 
 
-def prompts_per_batch(options: Options, device: torch.device) -> int:
-    """The prompts per staircase batch: the option, or the device type's default (PROMPTS_PER_BATCH; 32)."""
-    return options.prompts_per_batch or PROMPTS_PER_BATCH.get(device.type, 32)
+def prompts_per_batch(options: Options, device: torch.device, neurons: int) -> int:
+    """The prompts per staircase batch: the option, or the device type's default (PROMPTS_PER_BATCH; 32), on a
+    CPU CPU_LARGE_MODEL for models of more than LARGE_MODEL_NEURONS neurons (n_layers x width)."""
+    if options.prompts_per_batch:
+        return options.prompts_per_batch
+    if device.type == "cpu" and neurons > LARGE_MODEL_NEURONS:
+        return CPU_LARGE_MODEL
+    return PROMPTS_PER_BATCH.get(device.type, 32)
 
 
 def fact_batches(tokenizer, facts: Sequence[Fact], size: int) -> list[list[int]]:
@@ -258,7 +266,8 @@ def find_knowledge_neurons(
     if isinstance(baseline, str):
         baseline = baseline_activations(kn, facts, options)
     cache = FactCache(cache_dir, model_name, kn.model, options, baseline) if cache_dir else None
-    options = dataclasses.replace(options, prompts_per_batch=prompts_per_batch(options, kn.adapter.device))
+    options = dataclasses.replace(options, prompts_per_batch=prompts_per_batch(options, kn.adapter.device,
+                                                                                 kn.n_layers * kn.width))
 
     def done(r: FactResult | None) -> FactResult | None:
         if r is None or scores is None:

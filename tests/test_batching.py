@@ -66,3 +66,17 @@ def test_resume_takes_cached_facts_and_batches_the_rest(tiny_gpt2, tmp_path, cap
     fresh = find_knowledge_neurons(kn, SUBSET, options, "tiny", progress=False)
     for a, b in zip(fresh.facts, every.facts, strict=True):
         assert torch.allclose(a.scores, b.scores, rtol=0, atol=1e-6 * a.scores.abs().max())
+
+
+def test_real_sized_models_get_small_cpu_batches():
+    """A CPU default of CPU_LARGE_MODEL prompts above LARGE_MODEL_NEURONS neurons (GPT-2-small: 12 x 3072), the
+    device's default below, and the option whenever it is given."""
+    import torch
+
+    from analysis.stage import CPU_LARGE_MODEL, LARGE_MODEL_NEURONS, prompts_per_batch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert prompts_per_batch(Options(), cpu, 12 * 3072) == CPU_LARGE_MODEL
+    assert prompts_per_batch(Options(), cpu, LARGE_MODEL_NEURONS) == PROMPTS_PER_BATCH["cpu"]
+    assert prompts_per_batch(Options(), cuda, 12 * 3072) == PROMPTS_PER_BATCH["cuda"]
+    assert prompts_per_batch(Options(prompts_per_batch=7), cpu, 12 * 3072) == 7
