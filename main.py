@@ -18,6 +18,7 @@ import torch
 from analysis.stage import BASELINES, Options
 from analysis.tracing import TraceOptions
 from causal_tracing import CORRUPTIONS
+from common.allocator import ALLOCATORS, retain_freed_memory
 from common.errors import UserError
 from editing.edits import RULES, EditOptions
 from facts import FACTS, Fact, load_facts, select_facts
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most the first K prompts of each fact, K >= 2 (default: all)")
     m.add_argument("--out", metavar="DIR", default="results", help="output folder (default: %(default)s)")
     m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto = cuda when available)")
+    m.add_argument("--allocator", default="retain", choices=ALLOCATORS,
+                   help="retain: keep freed memory for reuse (glibc: blocks up to 32 MiB from the heap, up to 2 GiB "
+                   "kept free), far fewer page faults on real-sized models; default: the C library's own behaviour, "
+                   "which returns memory sooner (default: %(default)s; recorded in the outputs)")
     a = p.add_argument_group("integrated gradients and knowledge neurons")
     a.add_argument("--steps", type=int, default=Options.steps,
                    help="integration steps m (default: %(default)s, as Dai et al.)")
@@ -257,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.quiet = args.quiet or not distributed.is_main()  # under torchrun only rank 0 shows progress
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.allocator == "retain":
+        retain_freed_memory()
     try:
         run(args)
     except UserError as exc:

@@ -22,7 +22,7 @@ prints (every time the fastest of --repeats runs, default 2: a shared machine dr
 
     python benchmarks/bench_attribution.py [--threads 1] [--steps 20] [--archs gpt2 gpt_neox mamba mamba2 falcon_mamba]
                                            [--lengths 5 11] [--batch 8] [--repeats 2] [--no-eleuther]
-                                           [--device cpu]
+                                           [--device cpu] [--allocator retain|default]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.allocator import ALLOCATORS, retain_freed_memory, setting  # noqa: E402
 from common.outputs import table  # noqa: E402
 from knowledge_neurons import KnowledgeNeurons  # noqa: E402
 from models import load_model  # noqa: E402
@@ -197,8 +198,13 @@ def main() -> None:
     p.add_argument("--no-eleuther", dest="eleuther", action="store_false",
                    help="skip the EleutherAI knowledge-neurons timing (GPT-2 on CPU only)")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (default: cpu)")
+    p.add_argument("--allocator", default="retain", choices=ALLOCATORS,
+                   help="this process's allocator setting, as main.py's --allocator (default: retain, as main.py); "
+                        "the EleutherAI subprocess keeps the C library's own")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.allocator == "retain":
+        retain_freed_memory()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     single, batched = [], []
@@ -209,7 +215,7 @@ def main() -> None:
         single += s
         batched += b
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
-    print(f"\n{name}, {args.steps} steps, torch {torch.__version__}")
+    print(f"\n{name}, {args.steps} steps, torch {torch.__version__}, allocator {setting()}")
     print(table(SINGLE, single))
     print()
     print(table(BATCHED, batched))

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from bench_attribution import ANSWER, SUBJECTS, save_model, sync  # noqa: E402
 from bench_throughput import save_tiny  # noqa: E402
 
+from common.allocator import retain_freed_memory  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.outputs import table  # noqa: E402
 from knowledge_neurons import KnowledgeNeurons  # noqa: E402
@@ -115,6 +116,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, help="write the table here (Markdown) and beside it as .json")
     args = p.parse_args()
+    retain_freed_memory()  # as main.py does
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)

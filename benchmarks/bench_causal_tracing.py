@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_attribution import ANSWER, PROMPTS, save_model, timed  # noqa: E402
 
 from causal_tracing import SITES, CausalTracer  # noqa: E402
+from common.allocator import retain_freed_memory  # noqa: E402
 from common.outputs import table  # noqa: E402
 from models import load_model  # noqa: E402
 
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--reference-forwards", type=int, metavar="K",
                    help="time K of the reference's forwards and project its total (default: run it all)")
     args = p.parse_args()
+    retain_freed_memory()  # as main.py does
     torch.set_num_threads(args.threads)
     prompt = PROMPTS[11]
     headers = ["model", "tokens", "samples", "fast s", "reference s", "speed-up", "max |diff|"]

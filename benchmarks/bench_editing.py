@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from analysis.interventions import run_interventions  # noqa: E402
 from analysis.stage import Options, find_knowledge_neurons  # noqa: E402
+from common.allocator import retain_freed_memory  # noqa: E402
 from common.outputs import table  # noqa: E402
 from editing.edits import EditOptions  # noqa: E402
 from editing.evaluation import run_editing  # noqa: E402
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
+    retain_freed_memory()  # as main.py does
     torch.set_num_threads(args.threads)
     facts = [f for group in relations(FACTS).values() for f in group[:2]][: args.facts]
     folders = ensure_demo_models(FACTS, progress=False)

@@ -15,6 +15,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from common import allocator
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -85,7 +87,8 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def versions() -> dict[str, str | None]:
-    """Library versions and the git commit of this code, for the output's provenance."""
+    """Library versions, the git commit of this code and the allocator setting (`allocator`), for the output's
+    provenance."""
     import tokenizers
     import torch
     import transformers
@@ -103,6 +106,7 @@ def versions() -> dict[str, str | None]:
         "tokenizers": tokenizers.__version__,
         "numpy": np.__version__,
         "code_commit": commit,
+        "allocator": allocator.setting(),
     }
 
 

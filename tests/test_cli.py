@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,7 @@ def test_knowledge_mode_writes_results_and_resumes(demo_models, tmp_path, caplog
         assert doc["arguments"]["mode"] == "knowledge" and doc["arguments"]["facts"].endswith("facts.jsonl")
         assert [f["id"] for f in doc["facts"]] == [f.id for f in SUBSET]
         assert doc["versions"]["torch"] and doc["seed"] == 0
+        assert doc["versions"]["allocator"].startswith("retain" if platform.libc_ver()[0] == "glibc" else "default")
         fact = doc["facts"][0]
         assert len(fact["prompts"]) == len(SUBSET[0].prompts)
         assert all(0 < p["p_answer"] <= 1 for p in fact["prompts"])
