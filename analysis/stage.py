@@ -276,16 +276,16 @@ def find_knowledge_neurons(
         return dataclasses.replace(r, scores=None)
 
     results: list[FactResult | None] = [done(cache.load(f)) if cache and resume else None for f in facts]
-    todo = [i for i, r in enumerate(results) if r is None]
-    reused = len(facts) - len(todo)
+    uncached = [i for i, r in enumerate(results) if r is None]
+    reused = len(facts) - len(uncached)
     with tqdm(total=len(facts), initial=reused, desc=f"knowledge neurons {label}", unit="fact",
               disable=not progress) as bar:
-        for batch in fact_batches(kn.tokenizer, [facts[i] for i in todo], options.prompts_per_batch):
-            for i, result in zip(batch, attribute_facts(kn, [facts[todo[i]] for i in batch], options, baseline),
+        for batch in fact_batches(kn.tokenizer, [facts[i] for i in uncached], options.prompts_per_batch):
+            for i, result in zip(batch, attribute_facts(kn, [facts[uncached[i]] for i in batch], options, baseline),
                                  strict=True):
                 if cache:
                     cache.save(result)
-                results[todo[i]] = done(result)
+                results[uncached[i]] = done(result)
             bar.update(len(batch))
     if reused:
         log.info("%s: reused %d of %d facts from %s", label, reused, len(facts), cache.folder)
