@@ -228,6 +228,9 @@ def prepare(args: argparse.Namespace) -> tuple[list[Fact], dict[str, str]]:
     """The up-front checks, the facts and the models (label -> name or folder, demo models built)."""
     from run import preflight
 
+    if args.allocator == "retain":
+        retain_freed_memory()
+
     args.warnings = preflight.check_arguments(args, vars(build_parser().parse_args([])))
     distributed.init(args.device)  # under torchrun: join the other ranks
     torch.manual_seed(args.seed)
@@ -262,8 +265,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.quiet = args.quiet or not distributed.is_main()  # under torchrun only rank 0 shows progress
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    if args.allocator == "retain":
-        retain_freed_memory()
     try:
         run(args)
     except UserError as exc:

@@ -16,6 +16,8 @@ import ctypes.util
 import logging
 import platform
 
+from common.errors import UserError
+
 log = logging.getLogger("knowledge_neurons")
 
 ALLOCATORS = ("retain", "default")
@@ -37,7 +39,7 @@ def retain_freed_memory() -> str:
         log.debug("allocator: not glibc (%s), left as it is", platform.libc_ver()[0] or platform.system())
         return _setting
     if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
-        raise RuntimeError("glibc's mallopt refused the allocator thresholds; run with --allocator default")
+        raise UserError("glibc's mallopt refused the allocator thresholds; run with --allocator default")
     _setting = f"retain (glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold 2 GiB)"
     return _setting
 

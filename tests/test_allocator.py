@@ -42,3 +42,21 @@ def test_retained_memory_is_not_faulted_in_again():
     assert name.startswith("retain (glibc") and share < 0.01  # measured: 0
     name, share = _faults_per_page("default")  # the C library's own thresholds: many pages fault again
     assert name == "default" and share > 0.1  # measured: 0.2-0.4
+
+
+def test_a_refused_setting_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    from common import allocator
+    from main import main
+
+    class Refusing:
+        @staticmethod
+        def mallopt(param: int, value: int) -> int:
+            return 0  # what mallopt returns for a value it does not take
+
+    monkeypatch.setattr(allocator, "_setting", "default")
+    monkeypatch.setattr(allocator, "_glibc", lambda: Refusing())
+    assert main(["knowledge", "--out", str(tmp_path), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "--allocator default" in err and "Traceback" not in err
+    assert main(["knowledge", "--out", str(tmp_path), "-q", "--allocator", "default", "--steps", "0"]) == 1
+    assert "--allocator" not in capsys.readouterr().err  # not asked for: never set, never refused
