@@ -320,7 +320,7 @@ class CausalTracer:
         with eval_mode(self.model), torch.no_grad():
             run = self._corrupted(prompt, answer, subject, corruption, samples, seed, noise, swap_subject, record=False)
             ad, S = self.adapter, run.samples
-            clean = ad.prefix(run.clean_ids).acts[0]  # (n_layers, width) at the last position
+            clean = ad.prefix(run.clean_ids, states=False).acts[0]  # (n_layers, width) at the last position
             p_corrupt = self._probabilities(run, torch.arange(S), []).double().mean().item()
             masks = torch.zeros(len(neuron_sets), ad.n_layers, ad.width, dtype=torch.bool, device=ad.device)
             for k, neurons in enumerate(neuron_sets):

@@ -129,14 +129,14 @@ class KnowledgeNeurons:
     def activations(self, prompt: str) -> Tensor:
         """(n_layers, width) neuron activations at the prompt's last position (e.g. for a baseline)."""
         with eval_mode(self.model):
-            return self.adapter.prefix(self._ids(encode_prompt(self.tokenizer, prompt))).acts[0]
+            return self.adapter.prefix(self._ids(encode_prompt(self.tokenizer, prompt)), states=False).acts[0]
 
     def activations_many(self, prompts: Sequence[str], batch: int = 64, progress: bool = False) -> Tensor:
         """(P, n_layers, width) neuron activations at each prompt's last position, `batch` prompts per forward."""
         ids = [self._ids(encode_prompt(self.tokenizer, p)) for p in prompts]
         starts = tqdm(range(0, len(ids), batch), desc="activations", unit="batch", disable=not progress)
         with eval_mode(self.model):
-            return torch.cat([self.adapter.prefixes(ids[i : i + batch]).acts for i in starts])
+            return torch.cat([self.adapter.prefixes(ids[i : i + batch], states=False).acts for i in starts])
 
     def get_coarse_neurons(self, prompt: str, answer: str, threshold: float = 0.2, **kwargs) -> list[Neuron]:
         """Coarse neurons of one prompt: score >= threshold * max score. kwargs go to `attribute`."""
@@ -258,7 +258,9 @@ class KnowledgeNeurons:
             leaf = entry.requires_grad_(True)  # (n, d_model) block outputs of the rows' own layers
             try:
                 with torch.enable_grad():
-                    p = self._staircase(prefix, lay, inst, leaf, targets)
+                    p = self._staircase(prefix, lay, inst, leaf, targets, clean=start == 0)
+                    if start == 0:
+                        p_clean, p = p[:P].detach(), p[P:]
                     (g,) = torch.autograd.grad(p.sum(), leaf)
             except torch.OutOfMemoryError as exc:
                 raise UserError(f"out of {ad.device.type} memory with {len(leaf)} rows per pass: lower --batch-size "
@@ -268,7 +270,6 @@ class KnowledgeNeurons:
         weighted = torch.einsum("k,lpkd->lpd", weights.to(grads), grads.view(L, P, R, D)[:, :, :steps])
         neuron_grads = torch.stack([weighted[layer] @ ad.value_slots(layer).detach().T for layer in range(L)], 1)
         probs = probs.view(L, P, R).transpose(0, 1)
-        p_clean = prefix.logits.softmax(-1).gather(1, targets[:, None])[:, 0]  # (P,)
         return [self._combine(neuron_grads[i], probs[i], diff[i], steps, p_clean[i]) for i in range(P)]
 
     def _entries(self, prefix: Prefix, base: Tensor, diff: Tensor) -> tuple[Tensor, Tensor]:
@@ -281,22 +282,34 @@ class KnowledgeNeurons:
         return origin, direction
 
     def _staircase(self, prefix: Prefix, layer_of_row: Tensor, instance_of_row: Tensor, entry: Tensor,
-                   targets: Tensor) -> Tensor:
+                   targets: Tensor, clean: bool = False) -> Tensor:
         """P(target of the row's instance) for rows whose block `layer_of_row` (n,) outputs entry (n, d_model).
 
         Rows are sorted by layer; each joins the batch after its layer and steps through the blocks above,
-        against its own instance's prefix state (instance_of_row (n,)).
+        against its own instance's prefix state (instance_of_row (n,)). clean (rows from layer 0 on): the P
+        instances' clean last positions go first along the rows (P more rows in passes of P x alphas or more),
+        every block's output for them is checked against the model's forward (`Adapter.check_outputs`), and
+        the first P probabilities returned are theirs, P(target | prompt): (P + n,).
         """
         ad = self.adapter
+        P = len(prefix.outputs) if clean else 0
         h, index = None, None  # (active rows, d_model) at the last position, (active rows,) their instances
+        seen = []  # the clean rows' block outputs, layers 1 ..
         for layer in range(int(layer_of_row[0]), ad.n_layers):
             if h is not None:
                 h = ad.step(layer, h, prefix.states[layer], index)
+                if P:
+                    seen.append(h[:P])
             joins = layer_of_row == layer
             if joins.any():
-                new_index = instance_of_row[joins]
-                h, index = ((entry[joins], new_index) if h is None
-                            else (torch.cat([h, entry[joins]]), torch.cat([index, new_index])))
+                new_h, new_index = entry[joins], instance_of_row[joins]
+                if P and layer == 0:
+                    new_h = torch.cat([prefix.outputs[:, 0], new_h])
+                    new_index = torch.cat([torch.arange(P, device=new_index.device), new_index])
+                h, index = ((new_h, new_index) if h is None
+                            else (torch.cat([h, new_h]), torch.cat([index, new_index])))
+        if seen:
+            ad.check_outputs(torch.stack(seen, 1), prefix.outputs[:, 1:], first_layer=1)
         return ad.answer_probability(h, targets[index])
 
     def _reference(self, ids, target, alphas, weights, batch_size, baseline):

@@ -35,19 +35,21 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 @dataclass
 class Prefix:
-    """P clean prompts as seen from their last positions (prompt p has T_p tokens).
+    """P clean prompts as seen from their last positions (prompt p has T_p tokens), all read from the model's own
+    forward but the states.
 
-    states: per layer, the state that `pre_neurons` needs from the positions before the last, of all P prompts
-            (architecture-specific; see `Adapter.layer_states`).
-    resid:  (P, n_layers, d_model) residual stream that layer l's output projection is added to, at T_p - 1.
-    acts:   (P, n_layers, width) neuron activations at position T_p - 1.
-    logits: (P, vocab) the model's next-token logits at position T_p - 1.
+    states:  per layer, the state that `pre_neurons` needs from the positions before the last, of all P prompts
+             (architecture-specific; see `Adapter.layer_states`); empty when not asked for.
+    resid:   (P, n_layers, d_model) residual stream that layer l's output projection is added to, at T_p - 1.
+    acts:    (P, n_layers, width) neuron activations at position T_p - 1.
+    outputs: (P, n_layers, d_model) block outputs at T_p - 1 (resid + project(acts)); the last layer's give the
+             next-token logits (`head`).
     """
 
     states: list[Any]
     resid: Tensor
     acts: Tensor
-    logits: Tensor
+    outputs: Tensor
 
 
 class Adapter:
@@ -243,22 +245,25 @@ class Adapter:
         Returns (the input of every block, the output of the last block), each (T, d_model), and the last
         position's logits (1, vocab) (the LM head runs on that position only).
         """
-        inputs, last_out, logits = self._batched_block_io([input_ids])
-        return [x[0] for x in inputs], last_out[0], logits
+        inputs, last_out = self._batched_block_io([input_ids])
+        with torch.no_grad():
+            return [x[0] for x in inputs], last_out[0], self.head(last_out[0, -1:])
 
-    def _batched_block_io(self, prompts: list[Tensor]) -> tuple[list[Tensor], Tensor, Tensor]:
+    def _batched_block_io(self, prompts: list[Tensor],
+                          neurons: list[tuple[Tensor, Tensor]] | None = None) -> tuple[list[Tensor], Tensor]:
         """One clean forward of P prompts (T_p,) at once, right-padded to T_max: every position a prompt has sees
         only its own tokens (causal models), whatever pads follow it.
 
-        Returns the input of every block and the output of the last block, each (P, T_max, d_model), and the
-        logits of each prompt's last position (P, vocab). The forward is the base model's (without its LM head),
-        and the head runs on the P last positions only, not on every position or length the batch has.
+        Returns the input of every block and the output of the last block, each (P, T_max, d_model): the forward
+        of the base model (without its LM head). neurons: if given, gets per layer the input (P, width) and
+        output (P, d_model) of `neuron_module` at the last positions.
         """
         lengths = [len(ids) for ids in prompts]
         batch = torch.zeros(len(prompts), max(lengths), dtype=torch.long)  # token 0 pads; no position reads it
         for row, ids in zip(batch, prompts, strict=True):
             row[: len(ids)] = ids
         last = torch.tensor(lengths, device=self.device) - 1  # (P,)
+        rows = torch.arange(len(prompts), device=self.device)
         inputs: list[Tensor] = []
         outputs: list[Tensor] = []
 
@@ -266,50 +271,70 @@ class Adapter:
             inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
             outputs.append((output[0] if isinstance(output, tuple) else output).detach())
 
+        def grab_neurons(module, args, output):
+            neurons.append((args[0][rows, last].detach(), output[rows, last].detach()))
+
         handles = [layer.register_forward_hook(grab, with_kwargs=True) for layer in self.layers]
+        if neurons is not None:
+            handles += [self.neuron_module(layer).register_forward_hook(grab_neurons) for layer in range(self.n_layers)]
         try:
             with torch.no_grad():
-                hidden = self.model.base_model(batch.to(self.device), use_cache=False).last_hidden_state
-                rows = torch.arange(len(prompts), device=self.device)
-                logits = self.model.get_output_embeddings()(hidden[rows, last])
+                self.model.base_model(batch.to(self.device), use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
-        return inputs, outputs[-1], logits  # (P, vocab)
+        return inputs, outputs[-1]
 
-    def prefix(self, input_ids: Tensor) -> Prefix:
+    def prefix(self, input_ids: Tensor, states: bool = True) -> Prefix:
         """`prefixes` of one prompt (T,): P = 1."""
-        return self.prefixes([input_ids])
+        return self.prefixes([input_ids], states)
 
-    def prefixes(self, prompts: list[Tensor]) -> Prefix:
-        """Per-layer prefix states, last-position residuals and activations of P clean prompts (T_p,) each.
+    def prefixes(self, prompts: list[Tensor], states: bool = True) -> Prefix:
+        """Per-layer prefix states, last-position residuals, activations and block outputs of P clean prompts
+        (T_p,) each.
 
-        One forward of the real model gives every block's inputs (P prompts right-padded to T_max); each layer's
-        states of all prompts come from those in one batched computation (`layer_states`: no loop over prompts
-        or tokens), and the last positions are recomputed with `pre_neurons` (all prompts as one batch of
-        rows); a mismatch with the real forward means this adapter
-        does not cover the model's configuration, and is an error.
+        One forward of the real model gives every block's inputs (P prompts right-padded to T_max) and, by hooks
+        on the output projections, the neurons and their projection at the last positions (the residual is the
+        block output less that projection). With `states`, each layer's states of all prompts come from the
+        block inputs in one batched computation (`layer_states`: no loop over prompts or tokens). The adapter's
+        own blocks on those states (`step`) are checked against the forward where they are used: the staircase
+        carries the clean last positions along (`check_outputs`), or `verify` runs them alone.
         """
-        inputs, last_out, logits = self._batched_block_io(prompts)
+        neurons: list[tuple[Tensor, Tensor]] = []
+        inputs, last_out = self._batched_block_io(prompts, neurons)
         index = torch.arange(len(prompts), device=self.device)
         last = torch.tensor([len(ids) - 1 for ids in prompts], device=self.device)  # (P,)
-        states, resid, acts = [], [], []
+        outputs = torch.stack([x[index, last] for x in [*inputs[1:], last_out]], 1)  # (P, n_layers, d_model)
+        acts, projected = (torch.stack(t, 1) for t in zip(*neurons, strict=True))
         with torch.no_grad():
-            for layer, x in enumerate(inputs):  # x: (P, T_max, d_model)
-                state = self.layer_states(layer, x, last)
-                r, a = self.pre_neurons(layer, x[index, last], state, index)
-                states.append(state)
-                resid.append(r)
-                acts.append(a)
-                expected = (inputs[layer + 1] if layer + 1 < self.n_layers else last_out)[index, last]
-                self._check(layer, r + self.project(layer, a), expected)
-        return Prefix(states, torch.stack(resid, 1), torch.stack(acts, 1), logits)
+            layer_states = [self.layer_states(layer, x, last) for layer, x in enumerate(inputs)] if states else []
+        return Prefix(layer_states, outputs - projected, acts, outputs)
 
-    def _check(self, layer: int, ours: Tensor, theirs: Tensor) -> None:
-        tol = (1e-6 if self.dtype == torch.float64 else 1e-4) * (1.0 + theirs.abs().max().item())
-        err = (ours - theirs).abs().max().item()
-        if err > tol:
+    def verify(self, prefix: Prefix) -> None:
+        """Step the clean last positions of `prefixes` (with states) from block 0's output through the blocks above
+        and check them against the model's forward (`check_outputs`): what the staircase does along its rows."""
+        P = len(prefix.outputs)
+        index = torch.arange(P, device=self.device)
+        h, seen = prefix.outputs[:, 0], []
+        with torch.no_grad():
+            for layer in range(1, self.n_layers):
+                h = self.step(layer, h, prefix.states[layer], index)
+                seen.append(h)
+        if seen:
+            self.check_outputs(torch.stack(seen, 1), prefix.outputs[:, 1:], first_layer=1)
+
+    def check_outputs(self, ours: Tensor, theirs: Tensor, first_layer: int) -> None:
+        """ours, theirs: (P, n, d_model) outputs of blocks first_layer .. first_layer + n - 1 at the prompts' last
+        positions, as this adapter's `step` computed them from block first_layer - 1's and as the model's own
+        forward did. A mismatch means this adapter does not cover the model's configuration, and is an error.
+        One host sync for all layers (on a GPU)."""
+        tol = (1e-6 if self.dtype == torch.float64 else 1e-4) * (1.0 + theirs.abs().amax(dim=(0, 2)))  # (n,)
+        err = (ours.detach() - theirs).abs().amax(dim=(0, 2))
+        bad = (err > tol).nonzero()[:, 0].tolist()
+        if bad:
+            k = bad[0]
             raise RuntimeError(
-                f"{type(self).__name__}: layer {layer} recomputed from the weights differs from the model's "
-                f"forward by {err:.3g} (> {tol:.3g}); this model configuration is not supported by the adapter"
+                f"{type(self).__name__}: layer {first_layer + k} recomputed from the weights differs from the model's "
+                f"forward by {err[k].item():.3g} (> {tol[k].item():.3g}); this model configuration is not supported "
+                f"by the adapter"
             )

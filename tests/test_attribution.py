@@ -262,13 +262,14 @@ def test_out_of_memory_says_to_lower_the_batch_size(tiny_gpt2, monkeypatch):
         kn.attribute(PROMPT, "Paris", steps=2)
 
 
-def test_prefix_logits_are_the_full_models_at_each_last_position(tiny_model):
-    """The batched clean forward (base model, then the LM head on each prompt's last position) gives the logits
-    of the model's own forward of each prompt alone."""
+def test_prefix_outputs_give_the_full_models_logits_at_each_last_position(tiny_model):
+    """The batched clean forward (the base model on right-padded prompts) gives at each prompt's last position
+    the block output whose head is the logits of the model's own forward of that prompt alone."""
     model, tokenizer = tiny_model
     adapter = KnowledgeNeurons(model, tokenizer).adapter
     prompts = [torch.tensor(tokenizer(p)["input_ids"]) for p in ("The capital of France is", PROMPT, "The")]
     assert len({len(p) for p in prompts}) == 3
-    wanted = adapter.prefixes(prompts).logits  # (P, vocab)
+    with torch.no_grad():
+        wanted = adapter.head(adapter.prefixes(prompts, states=False).outputs[:, -1])  # (P, vocab)
     alone = torch.cat([model(p[None], use_cache=False).logits[:, -1] for p in prompts])
     torch.testing.assert_close(wanted, alone, rtol=1e-4, atol=1e-5)

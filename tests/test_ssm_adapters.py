@@ -8,18 +8,20 @@ from conftest import tiny_mamba2_config
 from transformers import Mamba2ForCausalLM
 
 from common.errors import UserError
+from knowledge_neurons import KnowledgeNeurons
 from models import MambaAdapter, adapter_for
 from models.mamba import _blocks, _DecayedReadout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_mamba2_time_step_limit_is_applied(dtype):
-    """A limit that clamps Delta on both sides: the prefix check (against the model's chunked scan) passes."""
+    """A limit that clamps Delta on both sides: the adapter's blocks agree with the model's chunked scan."""
     torch.manual_seed(1)
     model = Mamba2ForCausalLM(tiny_mamba2_config(time_step_limit=(0.02, 0.06))).eval().requires_grad_(False)
     adapter = adapter_for(model.to(dtype))
     for T in (1, 2, 4, 5, 11):  # within one chunk of 4, at its edge, across several
-        prefix = adapter.prefix(torch.randint(0, 300, (T,)))  # raises if a layer differs from the forward
+        prefix = adapter.prefix(torch.randint(0, 300, (T,)))
+        adapter.verify(prefix)  # raises if a layer differs from the forward
         assert prefix.acts.dtype == dtype and prefix.acts.shape == (1, 3, 64)
     x = adapter.block_io(torch.randint(0, 300, (20,)))[0][1]
     dt = adapter.ssm_inputs(1, x).dt  # (T, heads)
@@ -39,12 +41,20 @@ def test_mamba2_neuron_factor_is_the_gated_norm(tiny_mamba2):
 
 
 def test_falcon_mamba_needs_its_normalised_b_c_delta(tiny_falcon_mamba):
-    """The Mamba adapter without the RMS norms of B, C and Delta fails the prefix check on Falcon-Mamba."""
-    model, _ = tiny_falcon_mamba
+    """The Mamba adapter without the RMS norms of B, C and Delta fails the check against the model's forward on
+    Falcon-Mamba, alone (`verify`) and inside the attribution's staircase."""
+    model, tokenizer = tiny_falcon_mamba
     ids = torch.randint(0, 300, (6,))
-    adapter_for(model).prefix(ids)
-    with pytest.raises(RuntimeError, match="not supported by the adapter"):
-        MambaAdapter(model).prefix(ids)
+    adapter = adapter_for(model)
+    adapter.verify(adapter.prefix(ids))
+    wrong = MambaAdapter(model)
+    with pytest.raises(RuntimeError, match=r"layer 1 recomputed .* not supported by the adapter"):
+        wrong.verify(wrong.prefix(ids))
+    kn = KnowledgeNeurons(model, tokenizer)
+    kn.attribute("The capital of France is", "Paris", steps=2)
+    kn.adapter = wrong
+    with pytest.raises(RuntimeError, match=r"layer 1 recomputed .* not supported by the adapter"):
+        kn.attribute("The capital of France is", "Paris", steps=2, batch_size=3)
 
 
 @pytest.mark.parametrize("blocks", ["runs of one prompt", "gathered states"])
