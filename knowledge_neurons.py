@@ -287,9 +287,10 @@ class KnowledgeNeurons:
 
         Rows are sorted by layer; each joins the batch after its layer and steps through the blocks above,
         against its own instance's prefix state (instance_of_row (n,)). clean (rows from layer 0 on): the P
-        instances' clean last positions go first along the rows (P more rows in passes of P x alphas or more),
-        every block's output for them is checked against the model's forward (`Adapter.check_outputs`), and
-        the first P probabilities returned are theirs, P(target | prompt): (P + n,).
+        instances' clean last positions go first along the rows (P more rows in passes of P x alphas or more):
+        each block's output for them is checked against the model's forward (`Adapter.check_outputs`) and then
+        replaced by the forward's, so each block is checked on its true input, and the first P probabilities
+        returned are theirs, the model's P(target | prompt): (P + n,).
         """
         ad = self.adapter
         P = len(prefix.outputs) if clean else 0
@@ -300,6 +301,7 @@ class KnowledgeNeurons:
                 h = ad.step(layer, h, prefix.states[layer], index)
                 if P:
                     seen.append(h[:P])
+                    h = torch.cat([prefix.outputs[:, layer], h[P:]])
             joins = layer_of_row == layer
             if joins.any():
                 new_h, new_index = entry[joins], instance_of_row[joins]

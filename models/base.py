@@ -311,23 +311,21 @@ class Adapter:
         return Prefix(layer_states, outputs - projected, acts, outputs)
 
     def verify(self, prefix: Prefix) -> None:
-        """Step the clean last positions of `prefixes` (with states) from block 0's output through the blocks above
-        and check them against the model's forward (`check_outputs`): what the staircase does along its rows."""
-        P = len(prefix.outputs)
-        index = torch.arange(P, device=self.device)
-        h, seen = prefix.outputs[:, 0], []
+        """Step the clean last positions of `prefixes` (with states) through every block above the first, each
+        from the forward's output of the block below, and check them against the forward (`check_outputs`): what
+        the staircase's clean rows do."""
+        index = torch.arange(len(prefix.outputs), device=self.device)
         with torch.no_grad():
-            for layer in range(1, self.n_layers):
-                h = self.step(layer, h, prefix.states[layer], index)
-                seen.append(h)
+            seen = [self.step(layer, prefix.outputs[:, layer - 1], prefix.states[layer], index)
+                    for layer in range(1, self.n_layers)]
         if seen:
             self.check_outputs(torch.stack(seen, 1), prefix.outputs[:, 1:], first_layer=1)
 
     def check_outputs(self, ours: Tensor, theirs: Tensor, first_layer: int) -> None:
         """ours, theirs: (P, n, d_model) outputs of blocks first_layer .. first_layer + n - 1 at the prompts' last
-        positions, as this adapter's `step` computed them from block first_layer - 1's and as the model's own
-        forward did. A mismatch means this adapter does not cover the model's configuration, and is an error.
-        One host sync for all layers (on a GPU)."""
+        positions, as this adapter's `step` computed them (each from the forward's output of the block below) and
+        as the model's own forward did. A mismatch means this adapter does not cover the model's configuration,
+        and is an error. One host sync for all layers (on a GPU)."""
         tol = (1e-6 if self.dtype == torch.float64 else 1e-4) * (1.0 + theirs.abs().amax(dim=(0, 2)))  # (n,)
         err = (ours.detach() - theirs).abs().amax(dim=(0, 2))
         bad = (err > tol).nonzero()[:, 0].tolist()
