@@ -12,7 +12,8 @@ is the GPT-2 length of "The Eiffel Tower is located in the city of". For every m
 prints (every time the fastest of --repeats runs, default 2: a shared machine drifts by 10 %):
 
 - fast: the staircase, one prompt at a time; reference: one hooked full forward + backward of the scaled
-  copies per layer (as the EleutherAI package does it), the speed-up and max |fast - ref| / max |ref|;
+  copies per layer (as the EleutherAI package does it), the speed-up and max |fast - ref| / max |ref|; fast,
+  reference and EleutherAI (below) take turns, --repeats rounds, and each keeps its fastest;
 - batched: `attribute_many` on --batch prompts at once vs the same prompts one at a time, alternated --repeats
   times and the fastest of each kept (per-prompt seconds, prompts/s, speed-up, max relative difference), and
   the projected hours for 250,000 prompts;
@@ -154,12 +155,16 @@ def bench_model(arch: str, args, device: torch.device, folder: Path) -> tuple[li
     for length in args.lengths:
         prompt = PROMPTS[length]
         assert len(tokenizer(prompt)["input_ids"]) == length
-        fast, t_fast = timed(lambda p=prompt: kn.attribute(p, ANSWER, steps=args.steps), device, args.repeats)
-        ref, t_ref = timed(lambda p=prompt: kn.attribute(p, ANSWER, steps=args.steps, method="reference"), device,
-                           args.repeats)
-        t_eleuther = None
-        if arch == "gpt2" and args.eleuther and device.type == "cpu":
-            t_eleuther = eleuther_seconds(folder, prompt, args.steps, args.threads, args.repeats)
+        t_fast = t_ref = t_eleuther = float("inf")
+        eleuther = arch == "gpt2" and args.eleuther and device.type == "cpu"
+        for _ in range(args.repeats):  # the paths alternate, so that each sees the machine's every state
+            fast, t = timed(lambda p=prompt: kn.attribute(p, ANSWER, steps=args.steps), device)
+            t_fast = min(t_fast, t)
+            ref, t = timed(lambda p=prompt: kn.attribute(p, ANSWER, steps=args.steps, method="reference"), device)
+            t_ref = min(t_ref, t)
+            if eleuther:
+                t_eleuther = min(t_eleuther, eleuther_seconds(folder, prompt, args.steps, args.threads, 1))
+        t_eleuther = t_eleuther if eleuther else None
         single.append([arch, length, t_ref, t_fast, t_ref / t_fast, rel(fast, ref), t_eleuther,
                        t_eleuther / t_fast if t_eleuther else None])
         print(table(SINGLE, single[-1:]), flush=True)
