@@ -244,8 +244,8 @@ class KnowledgeNeurons:
         ad = self.adapter
         prefix = ad.prefixes([self._ids(ids) for ids, _ in instances])
         targets = torch.tensor([t for _, t in instances], device=ad.device)
-        a, base, diff = self._path(prefix.acts, alphas, baseline)  # (R,), (P, L, W), (P, L, W)
-        origin, direction = self._entries(prefix, base, diff)  # (P, L, d_model) each
+        a, _, diff = self._path(prefix.acts, alphas, baseline)  # (R,), (P, L, W)
+        origin, direction = self._entries(prefix, diff)  # (P, L, d_model) each
         P, L, R, D = *origin.shape[:2], len(a), origin.shape[-1]
         grid = torch.arange(L * P * R, device=origin.device)  # rows sorted by layer, then instance, then alpha
         layer_of_row, instance_of_row, alpha_of_row = grid // (P * R), grid // R % P, grid % R
@@ -272,14 +272,14 @@ class KnowledgeNeurons:
         probs = probs.view(L, P, R).transpose(0, 1)
         return [self._combine(neuron_grads[i], probs[i], diff[i], steps, p_clean[i]) for i in range(P)]
 
-    def _entries(self, prefix: Prefix, base: Tensor, diff: Tensor) -> tuple[Tensor, Tensor]:
-        """Where the rows of each (instance, layer) start: block output resid + project(baseline) at alpha = 0,
-        and its change per unit of alpha, (acts - baseline) V. base, diff (P, L, W) -> each (P, L, d_model)."""
+    def _entries(self, prefix: Prefix, diff: Tensor) -> tuple[Tensor, Tensor]:
+        """Where the rows of each (instance, layer) start: the block output at alpha = 0, and its change per unit
+        of alpha, (acts - baseline) V. diff = acts - baseline (P, L, W) -> each (P, L, d_model). The projection
+        is affine, so the output at alpha = 0 is the clean output less the change: no second pass over V."""
         ad = self.adapter
         with torch.no_grad():
-            origin = prefix.resid + torch.stack([ad.project(lay, base[:, lay]) for lay in range(ad.n_layers)], 1)
             direction = torch.stack([diff[:, lay] @ ad.value_slots(lay) for lay in range(ad.n_layers)], 1)
-        return origin, direction
+        return prefix.outputs - direction, direction
 
     def _staircase(self, prefix: Prefix, layer_of_row: Tensor, instance_of_row: Tensor, entry: Tensor,
                    targets: Tensor, clean: bool = False) -> Tensor:

@@ -40,14 +40,12 @@ class Prefix:
 
     states:  per layer, the state that `pre_neurons` needs from the positions before the last, of all P prompts
              (architecture-specific; see `Adapter.layer_states`); empty when not asked for.
-    resid:   (P, n_layers, d_model) residual stream that layer l's output projection is added to, at T_p - 1.
     acts:    (P, n_layers, width) neuron activations at position T_p - 1.
-    outputs: (P, n_layers, d_model) block outputs at T_p - 1 (resid + project(acts)); the last layer's give the
-             next-token logits (`head`).
+    outputs: (P, n_layers, d_model) block outputs at T_p - 1 (resid + project(acts) of `pre_neurons`); the last
+             layer's give the next-token logits (`head`).
     """
 
     states: list[Any]
-    resid: Tensor
     acts: Tensor
     outputs: Tensor
 
@@ -250,13 +248,13 @@ class Adapter:
             return [x[0] for x in inputs], last_out[0], self.head(last_out[0, -1:])
 
     def _batched_block_io(self, prompts: list[Tensor],
-                          neurons: list[tuple[Tensor, Tensor]] | None = None) -> tuple[list[Tensor], Tensor]:
+                          neurons: list[Tensor] | None = None) -> tuple[list[Tensor], Tensor]:
         """One clean forward of P prompts (T_p,) at once, right-padded to T_max: every position a prompt has sees
         only its own tokens (causal models), whatever pads follow it.
 
         Returns the input of every block and the output of the last block, each (P, T_max, d_model): the forward
-        of the base model (without its LM head). neurons: if given, gets per layer the input (P, width) and
-        output (P, d_model) of `neuron_module` at the last positions.
+        of the base model (without its LM head). neurons: if given, gets per layer the input (P, width) of
+        `neuron_module` at the last positions.
         """
         lengths = [len(ids) for ids in prompts]
         batch = torch.zeros(len(prompts), max(lengths), dtype=torch.long)  # token 0 pads; no position reads it
@@ -271,12 +269,13 @@ class Adapter:
             inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
             outputs.append((output[0] if isinstance(output, tuple) else output).detach())
 
-        def grab_neurons(module, args, output):
-            neurons.append((args[0][rows, last].detach(), output[rows, last].detach()))
+        def grab_neurons(module, args):
+            neurons.append(args[0][rows, last].detach())
 
         handles = [layer.register_forward_hook(grab, with_kwargs=True) for layer in self.layers]
         if neurons is not None:
-            handles += [self.neuron_module(layer).register_forward_hook(grab_neurons) for layer in range(self.n_layers)]
+            handles += [self.neuron_module(layer).register_forward_pre_hook(grab_neurons)
+                        for layer in range(self.n_layers)]
         try:
             with torch.no_grad():
                 self.model.base_model(batch.to(self.device), use_cache=False)
@@ -290,25 +289,23 @@ class Adapter:
         return self.prefixes([input_ids], states)
 
     def prefixes(self, prompts: list[Tensor], states: bool = True) -> Prefix:
-        """Per-layer prefix states, last-position residuals, activations and block outputs of P clean prompts
-        (T_p,) each.
+        """Per-layer prefix states, last-position activations and block outputs of P clean prompts (T_p,) each.
 
         One forward of the real model gives every block's inputs (P prompts right-padded to T_max) and, by hooks
-        on the output projections, the neurons and their projection at the last positions (the residual is the
-        block output less that projection). With `states`, each layer's states of all prompts come from the
-        block inputs in one batched computation (`layer_states`: no loop over prompts or tokens). The adapter's
-        own blocks on those states (`step`) are checked against the forward where they are used: the staircase
-        carries the clean last positions along (`check_outputs`), or `verify` runs them alone.
+        on the output projections, the neurons at the last positions. With `states`, each layer's states of all
+        prompts come from the block inputs in one batched computation (`layer_states`: no loop over prompts or
+        tokens). The adapter's own blocks on those states (`step`) are checked against the forward where they are
+        used: the staircase carries the clean last positions along (`check_outputs`), or `verify` runs them
+        alone.
         """
-        neurons: list[tuple[Tensor, Tensor]] = []
+        neurons: list[Tensor] = []
         inputs, last_out = self._batched_block_io(prompts, neurons)
         index = torch.arange(len(prompts), device=self.device)
         last = torch.tensor([len(ids) - 1 for ids in prompts], device=self.device)  # (P,)
         outputs = torch.stack([x[index, last] for x in [*inputs[1:], last_out]], 1)  # (P, n_layers, d_model)
-        acts, projected = (torch.stack(t, 1) for t in zip(*neurons, strict=True))
         with torch.no_grad():
             layer_states = [self.layer_states(layer, x, last) for layer, x in enumerate(inputs)] if states else []
-        return Prefix(layer_states, outputs - projected, acts, outputs)
+        return Prefix(layer_states, torch.stack(neurons, 1), outputs)
 
     def verify(self, prefix: Prefix) -> None:
         """Step the clean last positions of `prefixes` (with states) through every block above the first, each

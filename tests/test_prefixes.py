@@ -79,7 +79,7 @@ def _reference(adapter, layer, x):
 
 def test_batched_prefix_states_equal_the_per_prompt_per_token_reference(tiny_model):
     """Every architecture, mixed lengths with one-token prompts: the states (valid key positions) equal the
-    reference to 1e-6 in float32, and the residuals and activations they give are the model's own forward's."""
+    reference to 1e-6 in float32, and the activations and block outputs they give are the model's own forward's."""
     model, _ = tiny_model
     adapter = adapter_for(model)
     torch.manual_seed(3)
@@ -103,8 +103,9 @@ def test_batched_prefix_states_equal_the_per_prompt_per_token_reference(tiny_mod
                     # rtol: the window holds the conv inputs themselves (up to ~10 in the tiny Falcon-Mamba)
                     assert torch.allclose(getattr(ours, f), getattr(theirs, f), rtol=1e-6, atol=1e-6), f
             resid, acts = adapter.pre_neurons(layer, x[index, last], theirs, index)
-            # the forward's neurons and residuals, which sum in another order: to 1e-6 of their largest (float32)
-            for forward, recomputed in ((prefix.resid[:, layer], resid), (prefix.acts[:, layer], acts)):
+            # the forward's neurons and outputs, which sum in another order: to 1e-6 of their largest (float32)
+            output = resid + adapter.project(layer, acts)
+            for forward, recomputed in ((prefix.outputs[:, layer], output), (prefix.acts[:, layer], acts)):
                 tol = 1e-6 * (1.0 + recomputed.abs().max().item())
                 torch.testing.assert_close(forward, recomputed, rtol=0, atol=tol)
 
