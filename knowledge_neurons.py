@@ -300,7 +300,7 @@ class KnowledgeNeurons:
             if h is not None:
                 h = ad.step(layer, h, prefix.states[layer], index)
                 if P:
-                    seen.append(h[:P])
+                    seen.append(h[:P].detach().clone())  # a copy: a view would keep all of h
                     h = torch.cat([prefix.outputs[:, layer], h[P:]])
             joins = layer_of_row == layer
             if joins.any():
