@@ -247,21 +247,17 @@ class Adapter:
         with torch.no_grad():
             return [x[0] for x in inputs], last_out[0], self.head(last_out[0, -1:])
 
-    def _batched_block_io(self, prompts: list[Tensor],
-                          neurons: list[Tensor] | None = None) -> tuple[list[Tensor], Tensor]:
+    def _batched_block_io(self, prompts: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """One clean forward of P prompts (T_p,) at once, right-padded to T_max: every position a prompt has sees
         only its own tokens (causal models), whatever pads follow it.
 
         Returns the input of every block and the output of the last block, each (P, T_max, d_model): the forward
-        of the base model (without its LM head). neurons: if given, gets per layer the input (P, width) of
-        `neuron_module` at the last positions.
+        of the base model (without its LM head).
         """
         lengths = [len(ids) for ids in prompts]
         batch = torch.zeros(len(prompts), max(lengths), dtype=torch.long)  # token 0 pads; no position reads it
         for row, ids in zip(batch, prompts, strict=True):
             row[: len(ids)] = ids
-        last = torch.tensor(lengths, device=self.device) - 1  # (P,)
-        rows = torch.arange(len(prompts), device=self.device)
         inputs: list[Tensor] = []
         outputs: list[Tensor] = []
 
@@ -269,13 +265,7 @@ class Adapter:
             inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
             outputs.append((output[0] if isinstance(output, tuple) else output).detach())
 
-        def grab_neurons(module, args):
-            neurons.append(args[0][rows, last].detach())
-
         handles = [layer.register_forward_hook(grab, with_kwargs=True) for layer in self.layers]
-        if neurons is not None:
-            handles += [self.neuron_module(layer).register_forward_pre_hook(grab_neurons)
-                        for layer in range(self.n_layers)]
         try:
             with torch.no_grad():
                 self.model.base_model(batch.to(self.device), use_cache=False)
@@ -298,10 +288,19 @@ class Adapter:
         used: the staircase carries the clean last positions along (`check_outputs`), or `verify` runs them
         alone.
         """
-        neurons: list[Tensor] = []
-        inputs, last_out = self._batched_block_io(prompts, neurons)
         index = torch.arange(len(prompts), device=self.device)
         last = torch.tensor([len(ids) - 1 for ids in prompts], device=self.device)  # (P,)
+        neurons: list[Tensor] = []  # per layer (P, width)
+
+        def grab(module, args):
+            neurons.append(args[0][index, last].detach())
+
+        handles = [self.neuron_module(layer).register_forward_pre_hook(grab) for layer in range(self.n_layers)]
+        try:
+            inputs, last_out = self._batched_block_io(prompts)
+        finally:
+            for handle in handles:
+                handle.remove()
         outputs = torch.stack([x[index, last] for x in [*inputs[1:], last_out]], 1)  # (P, n_layers, d_model)
         with torch.no_grad():
             layer_states = [self.layer_states(layer, x, last) for layer, x in enumerate(inputs)] if states else []
