@@ -94,10 +94,25 @@ def init(device: str) -> None:
         torch.cuda.set_device(local_rank())  # "cuda" now means this rank's GPU, for the models too
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets it to 1 with several ranks a host; else share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    _bind_no_group_by_default()
     # CUDA tensors would go over nccl; the results are Python objects in host memory and travel over gloo
     backend = "cpu:gloo,cuda:nccl" if target.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=WAIT_LIMIT)
     log.info("torchrun: %d ranks, %s, %d torch threads each", world_size(), backend, torch.get_num_threads())
+
+
+def _bind_no_group_by_default() -> None:
+    """Import the torch modules that take `group.WORLD` as a default argument before the group exists.
+
+    Imported later (transformers imports them while it loads a model) they hold the process group in their
+    functions' defaults, out of `destroy_process_group`'s reach: gloo's threads then run on into the interpreter's
+    shutdown, where a rank now and then aborted ("terminate called without an active exception", as in
+    pytorch/pytorch#179291), and torchrun then killed the others, rank 0 too, while it wrote the results.
+    """
+    # fsdp.sharded_grad_scaler, nn.functional and optim.zero_redundancy_optimizer, as of torch 2.13
+    import torch.distributed.fsdp
+    import torch.distributed.nn
+    import torch.distributed.optim  # noqa: F401
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,38 @@ def test_a_failing_rank_stops_every_rank_and_writes_nothing(demo_models, tmp_pat
     assert len(errors) == 1, run.stderr[-3000:]
     assert "failed on boom: IndexError" in errors[0] and errors[0].startswith("error: rank ")
     assert not [p for p in out.iterdir() if p.name != ".kn_cache"]
+
+
+THREADS_AT_EXIT = """
+import atexit
+import os
+import sys
+
+
+def threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    print(f"threads at exit of rank {os.environ.get('RANK', 'none')}: {' '.join(sorted(names))}", file=sys.stderr)
+
+
+atexit.register(threads)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists a process's threads through Linux's /proc")
+def test_ranks_leave_no_gloo_threads_running_into_shutdown(tiny_gpt2, tiny_mamba, tmp_path):
+    """A process group that outlives `destroy_process_group` (pinned by a torch module that transformers imports
+    while loading a model) keeps gloo's threads running while the interpreter shuts down, which now and then
+    aborts a rank, and torchrun then kills the others mid-write. After `main` every rank's gloo threads are gone."""
+    facts = _write(tmp_path / "facts.jsonl", [{"id": f"f{k}", "relation": "r", "subject": name, "answer": "Talun",
+                                               "prompts": [f"{name} was born in"]}
+                                              for k, name in enumerate(["Zorvek", "Quenta"])])
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(THREADS_AT_EXIT)
+    run = _torchrun(["knowledge", "--gpt2-model", tiny_gpt2[0].config._name_or_path, "--mamba-model",
+                     tiny_mamba[0].config._name_or_path, "--facts", str(facts), "--steps", "1", "--out",
+                     str(tmp_path / "out")], pythonpath=os.pathsep.join([str(inject), str(ROOT)]))
+    assert run.returncode == 0, run.stderr[-3000:]
+    threads = dict(re.findall(r"^threads at exit of rank (\d+): (.*)$", run.stderr, re.MULTILINE))
+    assert sorted(threads) == ["0", "1"], run.stderr[-3000:]
+    assert not [names for names in threads.values() if "gloo" in names], threads
