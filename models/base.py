@@ -258,6 +258,9 @@ class Adapter:
         batch = torch.zeros(len(prompts), max(lengths), dtype=torch.long)  # token 0 pads; no position reads it
         for row, ids in zip(batch, prompts, strict=True):
             row[: len(ids)] = ids
+        # the mask changes no prompt's numbers (the pads follow it); it tells the model where they are, which
+        # spares the user transformers' warning about padded inputs without one
+        mask = (torch.arange(batch.shape[1]) < torch.tensor(lengths)[:, None]).long()
         inputs: list[Tensor] = []
         outputs: list[Tensor] = []
 
@@ -268,7 +271,7 @@ class Adapter:
         handles = [layer.register_forward_hook(grab, with_kwargs=True) for layer in self.layers]
         try:
             with torch.no_grad():
-                self.model.base_model(batch.to(self.device), use_cache=False)
+                self.model.base_model(batch.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
