@@ -39,6 +39,14 @@ def _args(demo_models, facts: Path, out: Path) -> list[str]:
             "--facts", str(facts), "--out", str(out), "--steps", "4"]
 
 
+def _injected(tmp_path: Path, code: str) -> str:
+    """A PYTHONPATH under which every process (launcher and ranks) runs `code` first, as its sitecustomize."""
+    folder = tmp_path / "inject"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(code)
+    return os.pathsep.join([str(folder), str(ROOT)])
+
+
 def _torchrun(args: list[str], ranks: int = 2, pythonpath: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     if pythonpath:
@@ -197,11 +205,8 @@ def test_a_failing_rank_stops_every_rank_and_writes_nothing(demo_models, tmp_pat
     rows = [*_rows(SUBSET), {"id": "boom", "relation": "capital_of", "subject": "France", "answer": "Paris",
                              "prompts": ["The exploding capital of France is", "France's exploding capital is"]}]
     facts = _write(tmp_path / "facts.jsonl", rows)
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(FAILURE)
     out = tmp_path / "out"
-    run = _torchrun(_args(demo_models, facts, out), pythonpath=os.pathsep.join([str(inject), str(ROOT)]))
+    run = _torchrun(_args(demo_models, facts, out), pythonpath=_injected(tmp_path, FAILURE))
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, run.stderr[-3000:]
@@ -212,12 +217,12 @@ def test_a_failing_rank_stops_every_rank_and_writes_nothing(demo_models, tmp_pat
 THREADS_AT_EXIT = """
 import atexit
 import os
-import sys
 
 
 def threads():
     names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-    print(f"threads at exit of rank {os.environ.get('RANK', 'none')}: {' '.join(sorted(names))}", file=sys.stderr)
+    line = f"threads at exit of rank {os.environ.get('RANK', 'none')}: {' '.join(sorted(names))}\\n"
+    os.write(2, line.encode())  # one write: the ranks share the pipe, and print's two writes interleave
 
 
 atexit.register(threads)
@@ -227,17 +232,14 @@ atexit.register(threads)
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists a process's threads through Linux's /proc")
 def test_ranks_leave_no_gloo_threads_running_into_shutdown(tiny_gpt2, tiny_mamba, tmp_path):
     """A process group that outlives `destroy_process_group` (pinned by a torch module that transformers imports
-    while loading a model) keeps gloo's threads running while the interpreter shuts down, which now and then
-    aborts a rank, and torchrun then kills the others mid-write. After `main` every rank's gloo threads are gone."""
+    while loading a model) keeps gloo's threads running while the interpreter shuts down, where a rank aborted
+    once in CI and torchrun killed the others mid-write. After `main` every rank's gloo threads are gone."""
     facts = _write(tmp_path / "facts.jsonl", [{"id": f"f{k}", "relation": "r", "subject": name, "answer": "Talun",
                                                "prompts": [f"{name} was born in"]}
                                               for k, name in enumerate(["Zorvek", "Quenta"])])
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(THREADS_AT_EXIT)
     run = _torchrun(["knowledge", "--gpt2-model", tiny_gpt2[0].config._name_or_path, "--mamba-model",
                      tiny_mamba[0].config._name_or_path, "--facts", str(facts), "--steps", "1", "--out",
-                     str(tmp_path / "out")], pythonpath=os.pathsep.join([str(inject), str(ROOT)]))
+                     str(tmp_path / "out")], pythonpath=_injected(tmp_path, THREADS_AT_EXIT))
     assert run.returncode == 0, run.stderr[-3000:]
     threads = dict(re.findall(r"^threads at exit of rank (\d+): (.*)$", run.stderr, re.MULTILINE))
     assert sorted(threads) == ["0", "1"], run.stderr[-3000:]
