@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.hooks import RemovableHandle
 
 from models.head import TargetProbability
@@ -254,13 +255,11 @@ class Adapter:
         Returns the input of every block and the output of the last block, each (P, T_max, d_model): the forward
         of the base model (without its LM head).
         """
-        lengths = [len(ids) for ids in prompts]
-        batch = torch.zeros(len(prompts), max(lengths), dtype=torch.long)  # token 0 pads; no position reads it
-        for row, ids in zip(batch, prompts, strict=True):
-            row[: len(ids)] = ids
+        batch = pad_sequence([ids.to(self.device) for ids in prompts], batch_first=True)  # token 0 pads
+        lengths = torch.tensor([len(ids) for ids in prompts], device=self.device)
         # the mask changes no prompt's numbers (the pads follow it); it tells the model where they are, which
         # spares the user transformers' warning about padded inputs without one
-        mask = (torch.arange(batch.shape[1]) < torch.tensor(lengths)[:, None]).long()
+        mask = (torch.arange(batch.shape[1], device=self.device) < lengths[:, None]).long()
         inputs: list[Tensor] = []
         outputs: list[Tensor] = []
 
@@ -271,7 +270,7 @@ class Adapter:
         handles = [layer.register_forward_hook(grab, with_kwargs=True) for layer in self.layers]
         try:
             with torch.no_grad():
-                self.model.base_model(batch.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+                self.model.base_model(batch, attention_mask=mask, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
