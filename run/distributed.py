@@ -105,9 +105,9 @@ def _bind_no_group_by_default() -> None:
     """Import the torch modules that take `group.WORLD` as a default argument before the group exists.
 
     Imported later (transformers imports them while it loads a model) they hold the process group in their
-    functions' defaults, out of `destroy_process_group`'s reach: gloo's threads then run on into the interpreter's
-    shutdown, where a rank now and then aborted ("terminate called without an active exception", as in
-    pytorch/pytorch#179291), and torchrun then killed the others, rank 0 too, while it wrote the results.
+    functions' defaults, out of `destroy_process_group`'s reach, and gloo's threads run on into the interpreter's
+    shutdown: the state in which pytorch/pytorch#179291 sees processes abort ("terminate called without an
+    active exception"), as one of our ranks did once in CI, after which torchrun killed the others mid-write.
     """
     # fsdp.sharded_grad_scaler, nn.functional and optim.zero_redundancy_optimizer, as of torch 2.13
     import torch.distributed.fsdp
